@@ -1,0 +1,11 @@
+"""minivlm: a from-scratch PyTorch reference implementation of the LLaVA family of vision-language models.
+
+The public surface is what this module exports; everything else is internal.
+"""
+
+from .config import ConfigError
+from .load import load_model
+from .weights import CheckpointError
+
+__version__ = "0.1.0"
+__all__ = ["load_model", "CheckpointError", "ConfigError", "__version__"]

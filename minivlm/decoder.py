@@ -1,0 +1,198 @@
+"""One Llama-family decoder: Llama 2/3/3.1, Mistral, Qwen2 (Qwen1.5), SmolLM2.
+
+The families differ only in configuration (biases, GQA, head_dim, RoPE scaling, sliding windows,
+tied embeddings), which `TextConfig` has already resolved; the code here is one path. Attribute
+names follow transformers' LlamaForCausalLM so the hub's keys load as they are.
+
+The KV cache is static: preallocated for a batch size and a maximum length, written at the cache
+index of each token, so a prefill followed by one-token decode steps computes exactly what one full
+forward computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values of every layer: (batch, kv_heads, max_len, head_dim) each, plus how much is filled.
+
+    `length` counts cache slots in use, padding included: with left padding, slot j holds sequence
+    index j of every row, and the attention mask says which slots are real tokens.
+    """
+
+    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, kv_heads, new, head_dim) at the next slots; return all filled slots."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.window = config.sliding_windows[layer]
+        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_valid: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin)
+
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.write(self.layer, k, v)  # (batch, kv_heads, offset + seq, head_dim)
+        out = ops.attention(q, k, v, causal=True, q_offset=offset, kv_valid=kv_valid, window=self.window)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_valid, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings, the decoder layers and the final norm (transformers' `LlamaModel`)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Derived from the config, not stored in checkpoints: rebuilt by `reset_buffers` after a
+        # meta-device build.
+        self.register_buffer("inv_freq", ops.rope_inv_freq(config.rope, config.head_dim), persistent=False)
+
+    def reset_buffers(self, device) -> None:
+        self.inv_freq = ops.rope_inv_freq(self.config.rope, self.config.head_dim, device=device)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (batch, seq, hidden) -> hidden states (batch, seq, hidden).
+
+        attention_mask (batch, past + seq), 1 for real tokens and 0 for padding, covers the cached
+        tokens too (as transformers' `generate` passes it). Positions count real tokens only, so a
+        left-padded row sees the same positions it would see alone.
+        """
+        batch, seq, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and (cache.batch_size != batch or past + seq > cache.max_len):
+            raise ValueError(
+                f"the KV cache holds {cache.batch_size} rows of {cache.max_len} slots with {past} filled; "
+                f"this step brings {batch} rows of {seq} tokens"
+            )
+        if attention_mask is None:
+            kv_valid = None
+            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).expand(batch, seq)
+        else:
+            if attention_mask.shape != (batch, past + seq):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new) = "
+                    f"({batch}, {past + seq})"
+                )
+            kv_valid = attention_mask.bool()
+            # A padding slot gets position 0 (it is masked out anyway); real tokens count from 0.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (batch, seq)
+
+        cos, sin = ops.rope_cos_sin(self.inv_freq, position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_valid, cache)
+        if cache is not None:
+            cache.length += seq
+        return self.norm(x)
+
+
+class DecoderLM(nn.Module):
+    """A text-only checkpoint (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): ids -> logits."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache on the model's device and in its dtype."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab); only the last `logits_to_keep` if > 0."""
+        hidden = self.model(self.model.embed_tokens(input_ids), attention_mask, cache)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)

@@ -1,0 +1,71 @@
+"""`load_model`: which family a checkpoint folder holds, and its config, module tree and key table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TextConfig, read_config
+from .decoder import DecoderLM
+from .hub import resolve_checkpoint
+from .weights import TEXT_KEYS, KeyTable, load_weights
+
+
+@dataclass(frozen=True)
+class Family:
+    config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source name) -> frozen config
+    module: Callable[[Any], nn.Module]  # config -> module tree (built on the meta device)
+    keys: KeyTable
+
+
+# config.json's model_type -> family. A new family is one row here.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
+    "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
+    "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def parse_dtype(dtype: torch.dtype | str | None, default: str | None = None) -> torch.dtype:
+    """A torch dtype from a dtype, a name ('bf16', 'bfloat16', 'torch.float16'), or the checkpoint's default."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point type; expected one of float32, bfloat16, float16")
+        return dtype
+    name = dtype if dtype is not None else (default or "float32")
+    name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
+def load_model(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
+
+    dtype None keeps the dtype config.json records (transformers' `dtype="auto"`), else float32.
+    """
+    folder = resolve_checkpoint(path_or_id)
+    raw = read_config(folder)
+    source = str(folder / "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        what = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    config = family.config(raw, source)
+    dtype = parse_dtype(dtype, getattr(config, "dtype", None))
+    return load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))

@@ -1,0 +1,162 @@
+"""Every fused op, defined in plain PyTorch.
+
+These functions are the definitions the Triton kernels in `minivlm.kernels` must equal, and the
+signatures the kernels take over. Model code calls only these. Each mirrors the arithmetic of the
+transformers module named beside it (including where it casts), because that is what parity means:
+same dtype at the same step, not merely the same formula.
+
+`MINIVLM_KERNELS=0` will force this plain path once the kernels exist (see kernels/).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
+
+    The cast happens before the multiply by `weight`, so in bf16 the product is rounded twice; a
+    kernel that multiplies in fp32 and rounds once is more accurate and would not match.
+    """
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32, with the checkpoint's scaling applied.
+
+    Mirrors transformers' `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`
+    and `_compute_llama3_parameters` (modeling_rope_utils.py).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        # Llama 3.1: long wavelengths are stretched by `factor`, short ones kept, and the band in
+        # between interpolated smoothly between the two.
+        low_freq_wavelen = rope.original_max_positions / rope.low_freq_factor
+        high_freq_wavelen = rope.original_max_positions / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (batch, seq, head_dim) for integer positions (batch, seq), computed in fp32.
+
+    As transformers' LlamaRotaryEmbedding: the angle table is duplicated (not interleaved), which is
+    what `rotate_half` expects.
+    """
+    freqs = position_ids[..., None].float() * inv_freq.float()  # (batch, seq, head_dim // 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) by cos/sin (batch, seq, head_dim)."""
+    cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim): broadcast over heads
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    q_offset: int = 0,
+    kv_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """Which keys each query may see, as a boolean (batch or 1, 1, q_len, kv_len); None when all may.
+
+    Query i sits at cache index `q_offset + i`; key j at cache index j. A key is visible when it is
+    not in the future (`causal`), is a real token (`kv_valid[b, j]`, for left padding or padded
+    patches), and lies within the last `window` indices (sliding-window layers, as transformers'
+    `sliding_window_overlay`: j > i - window).
+    """
+    if not causal and kv_valid is None and window is None:
+        return None
+    q_idx = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]  # (q_len, 1)
+    kv_idx = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & (kv_idx <= q_idx)
+    if window is not None:
+        allowed = allowed & (kv_idx > q_idx - window)
+    allowed = allowed[None, None]  # (1, 1, q_len, kv_len)
+    if kv_valid is not None:
+        allowed = allowed & kv_valid.bool()[:, None, None, :]  # (batch, 1, q_len, kv_len)
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    q_offset: int = 0,
+    kv_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, kv_len, head_dim), heads a multiple of
+    kv_heads. Visibility as `attention_mask`. Returns (batch, heads, q_len, head_dim).
+
+    The arithmetic is transformers' `eager_attention_forward`: scores in the input dtype, masked
+    keys set to the dtype's most negative finite value (so a query with no visible key, such as a
+    left-padding position, averages all keys instead of producing NaN), softmax in fp32, cast back.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+
+    # Each kv head serves `groups` consecutive query heads; view q so one matmul covers a group
+    # instead of materialising the repeated keys.
+    qg = q.reshape(batch, kv_heads, groups * q_len, head_dim)  # (batch, kv_heads, groups*q_len, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (batch, kv_heads, groups*q_len, kv_len)
+    scores = scores.view(batch, heads, q_len, kv_len)
+
+    allowed = attention_mask(
+        q_len, kv_len, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, device=q.device
+    )
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+    probs = probs.view(batch, kv_heads, groups * q_len, kv_len)
+    out = torch.matmul(probs, v)  # (batch, kv_heads, groups*q_len, head_dim)
+    return out.view(batch, heads, q_len, head_dim)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's elementwise part: silu(gate) * up, in the input dtype as transformers' LlamaMLP."""
+    return F.silu(gate) * up

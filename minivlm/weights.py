@@ -1,0 +1,264 @@
+"""Checkpoint folder (config.json + safetensors, sharded or not) -> a model with its weights.
+
+The model is built on the meta device (no memory), each tensor is read from disk straight into its
+final buffer, cast and moved one at a time, and then assigned to the module tree without a copy:
+peak host memory stays near one copy of the checkpoint.
+
+The safetensors format is read here rather than through `safetensors.safe_open`: its mmap keeps
+every touched page of the file resident beside the copy handed to torch, and checking the header
+ourselves lets a truncated or corrupt file fail with a message that names it.
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors files
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors a safetensors file holds, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+
+    data_start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} bytes, "
+                f"header gives offsets {begin}..{end}"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size} bytes"
+            )
+        entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """One tensor, read straight from disk into a fresh CPU buffer (no mmap, no second copy)."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    # A uint8 view of the buffer; `readinto` fills it in place.
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    with open(entry.file, "rb") as f:
+        f.seek(entry.begin)
+        if f.readinto(buf) != len(buf):
+            raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
+    return out
+
+
+def find_tensors(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint folder: `model.safetensors`, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = _shards_from_index(folder, index)
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"{folder}: no model.safetensors, no model.safetensors.index.json and no *.safetensors file "
+                "(minivlm reads safetensors only; convert .bin/.pt checkpoints first)"
+            )
+    tensors: dict[str, TensorEntry] = {}
+    for file in files:
+        for name, entry in read_header(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{folder}: tensor {name!r} is in both {tensors[name].file.name} and {file.name}")
+            tensors[name] = entry
+    return tensors
+
+
+def _shards_from_index(folder: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
+    root = folder.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        path = (folder / str(name)).resolve()
+        # An index is data from the internet: it must not make us read files elsewhere on disk.
+        if path.parent != root:
+            raise CheckpointError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}")
+        if not path.is_file():
+            raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}")
+        shards.append(path)
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Key tables: checkpoint names -> module names, one per family
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """How one family's checkpoint keys map onto minivlm's module tree.
+
+    `renames` are (regex, replacement) rows tried in order, the first match wins, and a key that
+    matches none keeps its name. A checkpoint may be in the hub's layout or in transformers 5's
+    `save_pretrained` layout; each row that differs between them is one line here. Keys matching
+    `ignore` are dropped: buffers some checkpoints store but minivlm derives (RoPE's inv_freq) and
+    heads it never uses.
+    """
+
+    renames: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def model_key(self, key: str) -> str | None:
+        if any(re.fullmatch(pattern, key) for pattern in self.ignore):
+            return None
+        for pattern, replacement in self.renames:
+            new, n = re.subn(f"^{pattern}", replacement, key, count=1)
+            if n:
+                return new
+        return key
+
+
+# Llama/Mistral/Qwen2 text checkpoints: the hub and transformers 5 agree on the names.
+TEXT_KEYS = KeyTable(ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model from a folder
+
+
+def load_weights(
+    build: Callable[[], nn.Module],
+    folder: Path,
+    table: KeyTable,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """Build the module tree on the meta device, then fill it from the folder's safetensors.
+
+    Floating-point tensors are cast to `dtype`; integer buffers keep theirs. Every parameter must
+    come from the file with its exact shape; tied parameters (the same Parameter reachable under
+    two names) need only one of their names in the file.
+    """
+    with torch.device("meta"):
+        model = build()
+    expected = model.state_dict(keep_vars=True)  # name -> meta tensor, tied names share one object
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        aliases.setdefault(id(tensor), []).append(name)
+
+    tensors = find_tensors(folder)
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, entry in tensors.items():
+        name = table.model_key(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        want = tuple(expected[name].shape)
+        if entry.shape != want:
+            raise CheckpointError(
+                f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}, the config asks for {list(want)}"
+            )
+        tensor = read_tensor(entry)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        loaded[name] = tensor.to(device)
+        del tensor  # keep at most one tensor's worth of staging memory alive
+
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: {len(unexpected)} tensors in the checkpoint fit no part of the model, e.g. {unexpected[:5]}; "
+            "is config.json from the same checkpoint?"
+        )
+    missing = []
+    for names in aliases.values():
+        have = [n for n in names if n in loaded]
+        if not have:
+            missing.append(names[0])
+            continue
+        # A tied parameter: transformers keeps the input embedding when both names are present.
+        source = loaded[have[0]]
+        for n in names:
+            loaded[n] = source
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensors are missing from the checkpoint, e.g. {missing[:5]}")
+
+    model.load_state_dict(loaded, strict=True, assign=True)
+    # assign=True replaced the tied Parameter under one name only: tie them again.
+    for names in aliases.values():
+        owner, attr = _parent(model, names[0])
+        for n in names[1:]:
+            setattr(*_parent(model, n), getattr(owner, attr))
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+    return model.eval()
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr

@@ -1,0 +1,128 @@
+"""Tiny random-weight checkpoints, built with transformers and saved as the hub stores them.
+
+Every test builds its own: nothing is downloaded. `save_pretrained` writes transformers 5's
+layout; `to_hub_layout` rewrites a saved folder into what users download from the hub (config
+dialect, key names, extra buffers, shards with an index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the network
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+# Tiny configs of each text family. Sizes keep the shapes that matter: head_dim 64/72/80, GQA,
+# head_dim unrelated to hidden/heads (Mistral), biases (Qwen2), tied embeddings, sliding windows.
+TEXT_CONFIGS = {
+    "llama": dict(
+        cls="LlamaConfig", vocab_size=211, hidden_size=128, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0,
+    ),
+    "llama3": dict(  # Llama-3.1 rope scaling; a small original context puts frequencies in all three bands
+        cls="LlamaConfig", vocab_size=211, hidden_size=128, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    ),
+    "smollm2": dict(  # SmolLM2: a llama with tied embeddings and attention biases off
+        cls="LlamaConfig", vocab_size=211, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=100000.0,
+    ),
+    "mistral": dict(  # head_dim 80 with hidden 128; a window shorter than the test prompts
+        cls="MistralConfig", vocab_size=211, hidden_size=128, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=80, sliding_window=5,
+    ),
+    "qwen2": dict(  # Qwen1.5-0.5B's shape family: q/k/v biases, tied embeddings, head_dim 72
+        cls="Qwen2Config", vocab_size=211, hidden_size=144, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
+    ),
+    "qwen2_window": dict(  # the second layer slides, the first does not
+        cls="Qwen2Config", vocab_size=211, hidden_size=128, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1,
+    ),
+}  # fmt: skip
+
+
+def build_text_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A transformers causal LM with every parameter random (norm weights and biases too, so a
+    loader that drops them fails), in fp32 with eager attention."""
+    kwargs = dict(TEXT_CONFIGS[name])
+    config_cls = getattr(transformers, kwargs.pop("cls"))
+    config = config_cls(**kwargs, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def hub_config(d: dict) -> dict:
+    """transformers 5's config.json dialect -> the hub's (rope_theta + rope_scaling, torch_dtype)."""
+    d = dict(d)
+    rope = dict(d.pop("rope_parameters", None) or {})
+    d["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        d["rope_scaling"] = rope
+    d["torch_dtype"] = d.pop("dtype", "float32")
+    d.pop("layer_types", None)  # hub files predate it
+    d["transformers_version"] = "4.45.0"
+    return d
+
+
+def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """Write tensors as model.safetensors, or as `shards` files with model.safetensors.index.json."""
+    for old in folder.glob("model*.safetensors*"):
+        old.unlink()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in names[i::shards]}
+        save_file(part, folder / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def read_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def save_text_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 1) -> Path:
+    """Save a transformers causal LM as a checkpoint folder.
+
+    layout "v5": exactly what transformers 5's save_pretrained writes (sharded when shards > 1).
+    layout "hub": the hub's config dialect, plus the `rotary_emb.inv_freq` buffers that older
+    Llama checkpoints carry, resharded with an index when shards > 1.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if layout == "v5" and shards == 1:
+        return folder
+    tensors = read_folder_tensors(folder)
+    if layout == "hub":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(hub_config(config), indent=2))
+        for i in range(model.config.num_hidden_layers):
+            tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_sharded(folder, tensors, shards)
+    return folder
