@@ -119,12 +119,10 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Derived from the config, not stored in checkpoints: rebuilt by `reset_buffers` after a
-        # meta-device build.
-        self.register_buffer("inv_freq", ops.rope_inv_freq(config.rope, config.head_dim), persistent=False)
-
-    def reset_buffers(self, device) -> None:
-        self.inv_freq = ops.rope_inv_freq(self.config.rope, self.config.head_dim, device=device)
+        # Derived from the config, not stored in checkpoints. Made on the CPU even while the loader
+        # builds the tree on the meta device (real values are needed), and moved with the model.
+        inv_freq = ops.rope_inv_freq(config.rope, config.head_dim, device="cpu")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(
         self,

@@ -13,6 +13,7 @@ data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -201,7 +202,7 @@ def load_weights(
     come from the file with its exact shape; tied parameters (the same Parameter reachable under
     two names) need only one of their names in the file.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = build()
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor, tied names share one object
     aliases: dict[int, list[str]] = {}
@@ -253,10 +254,28 @@ def load_weights(
         owner, attr = _parent(model, names[0])
         for n in names[1:]:
             setattr(*_parent(model, n), getattr(owner, attr))
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers(device)
-    return model.eval()
+    # Parameters are in place already; this moves the derived buffers (RoPE's inv_freq) along.
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Make torch.nn.init's initialisers no-ops while the module tree is built on the meta device.
+
+    Every parameter is about to be replaced by the checkpoint's, so initialising is wasted work;
+    worse, the first initialiser run on a meta tensor imports torch's meta-kernel registry, which
+    costs about 150 MB of resident memory and a second, whatever the checkpoint's size.
+    """
+    names = ["uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "constant_", "zeros_", "ones_"]  # fmt: skip
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
