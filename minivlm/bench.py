@@ -1,0 +1,140 @@
+"""Benchmarks that compare minivlm with transformers in one run (transformers must be installed).
+
+`python -m minivlm bench loader`: builds a random Llama checkpoint of a few hundred MB, then
+- loads it with minivlm and with transformers, each in a fresh process, and prints the load time
+  and the peak host memory (resident high-water mark minus the resident set before loading)
+  against the checkpoint's size;
+- runs a forward pass with both in this process and prints the time and the ratio.
+
+Figures from a benchmark are for BENCHMARKS.md, never asserted by a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Runs in a fresh interpreter so that each loader's memory is its own.
+LOAD_CHILD = r"""
+import json, sys, time, torch
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+which, folder, dtype = sys.argv[1:4]
+dtype = getattr(torch, dtype)
+if which == "minivlm":
+    import minivlm
+    load = lambda: minivlm.load_model(folder, dtype=dtype)
+else:
+    import transformers
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+before = status("VmRSS")
+start = time.perf_counter()
+model = load()
+seconds, peak = time.perf_counter() - start, status("VmHWM") - before
+# A loader that maps the file lazily pays for the pages at first use: count one forward too.
+with torch.inference_mode():
+    model(torch.zeros(1, 1, dtype=torch.long))
+print(json.dumps({"seconds": seconds, "peak": peak, "peak_after_forward": status("VmHWM") - before}))
+"""
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("minivlm bench compares against transformers: pip install 'minivlm[test]' (or transformers) first")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def make_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
+    """A random-weight LlamaForCausalLM saved with shards and an index; returns its size in bytes."""
+    transformers = _transformers()
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+        max_position_embeddings=4096,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="100MB")
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def measure_load(which: str, folder: Path, dtype: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_CHILD, which, str(folder), dtype], capture_output=True, text=True
+    )
+    if out.returncode:
+        sys.exit(f"loading with {which} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_forward(model, ids: torch.Tensor, repeats: int) -> float:
+    """Best wall time of `repeats` forward passes after one warm-up (best: least disturbed by the OS)."""
+    best = float("inf")
+    with torch.inference_mode():
+        model(ids)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_loader(args: argparse.Namespace) -> None:
+    transformers = _transformers()
+    import minivlm
+
+    mib = 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        size = make_checkpoint(folder, args.hidden, args.layers, args.vocab)
+        print(f"checkpoint: random Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
+              f"{size / mib:.0f} MiB fp32 in {len(list(folder.glob('*.safetensors')))} shards")  # fmt: skip
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+        print()
+        print("load, fresh process; peak = resident high-water mark minus resident before loading")
+        print(f"{'':<28}{'seconds':>10}{'peak MiB':>10}{'peak/size':>11}{'after 1 forward':>17}")
+        for dtype in ("float32", "bfloat16"):
+            for which in ("minivlm", "transformers"):
+                r = measure_load(which, folder, dtype)
+                print(f"{which + ' ' + dtype:<28}{r['seconds']:>10.2f}{r['peak'] / mib:>10.0f}"
+                      f"{r['peak'] / size:>11.2f}{r['peak_after_forward'] / size:>17.2f}")  # fmt: skip
+        print()
+
+        ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
+        ours = minivlm.load_model(folder)
+        print(f"{'forward, 1 x ' + str(args.seq) + ' tokens, fp32':<28}{'seconds':>10}{'time/ours':>10}")
+        t_ours = time_forward(ours, ids, args.repeats)
+        print(f"{'minivlm':<28}{t_ours:>10.3f}{1.0:>10.2f}")
+        for impl in ("eager", "sdpa"):
+            ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
+            t_ref = time_forward(ref, ids, args.repeats)
+            print(f"{'transformers ' + impl:<28}{t_ref:>10.3f}{t_ref / t_ours:>10.2f}")
+            with torch.inference_mode():
+                diff = (ours(ids) - ref(ids).logits).abs().max().item()
+            print(f"{'':<28}max |logit diff| {diff:.1e}")
+            del ref
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks against transformers in the same run")
+    which = p.add_subparsers(dest="target", required=True)
+    loader = which.add_parser("loader", help="checkpoint load time, peak host memory and a text forward")
+    loader.add_argument("--hidden", type=int, default=1024)
+    loader.add_argument("--layers", type=int, default=8)
+    loader.add_argument("--vocab", type=int, default=32000)
+    loader.add_argument("--seq", type=int, default=256)
+    loader.add_argument("--repeats", type=int, default=3)
+    loader.set_defaults(run=bench_loader)
