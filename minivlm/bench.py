@@ -24,10 +24,7 @@ import torch
 # Runs in a fresh interpreter so that each loader's memory is its own.
 LOAD_CHILD = r"""
 import json, sys, time, torch
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+from minivlm.bench import proc_status as status
 which, folder, dtype = sys.argv[1:4]
 dtype = getattr(torch, dtype)
 if which == "minivlm":
@@ -45,6 +42,15 @@ with torch.inference_mode():
     model(torch.zeros(1, 1, dtype=torch.long))
 print(json.dumps({"seconds": seconds, "peak": peak, "peak_after_forward": status("VmHWM") - before}))
 """
+
+
+def proc_status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def _transformers():

@@ -44,7 +44,9 @@ def download(hub_id: str, local: Path) -> Path:
     except GatedRepoError:
         raise CheckpointError(f"{hub_id}: the model is gated; accept its terms on the hub and log in (hf auth login)") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{hub_id}: no such model on the hub (or it is private)") from None
+        raise CheckpointError(f"{hub_id}: no such local folder, and no such model on the hub (or it is private)") from None
     except Exception as e:  # offline, DNS, proxy, HTTP errors: one line, not a traceback
-        raise CheckpointError(f"{hub_id}: not in {local} and the hub could not be reached ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{hub_id}: no such local folder, not in {local}, and the hub could not be reached ({type(e).__name__}: {e})"
+        ) from None
     return local

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorEntry:
+    key: str  # the name in the file
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -94,7 +96,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size} bytes"
             )
-        entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+        entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
     return entries
 
 
@@ -108,6 +110,14 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
         if f.readinto(buf) != len(buf):
             raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
     return out
+
+
+def _read_as(entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read one tensor, cast it if floating-point, move it; the CPU staging copy dies on return."""
+    tensor = read_tensor(entry)
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to(device)
 
 
 def find_tensors(folder: Path) -> dict[str, TensorEntry]:
@@ -204,56 +214,57 @@ def load_weights(
     """
     with torch.device("meta"), _skip_init():
         model = build()
-    expected = model.state_dict(keep_vars=True)  # name -> meta tensor, tied names share one object
-    aliases: dict[int, list[str]] = {}
+    expected = model.state_dict(keep_vars=True)  # name -> meta tensor; tied names share one object
+    tied_groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
-        aliases.setdefault(id(tensor), []).append(name)
+        tied_groups.setdefault(id(tensor), []).append(name)
 
-    tensors = find_tensors(folder)
-    loaded: dict[str, torch.Tensor] = {}
+    # Plan from the headers alone: every name and shape is checked before any data is read.
+    plan: dict[str, TensorEntry] = {}  # model name -> where its data lies
     unexpected = []
-    for key, entry in tensors.items():
-        name = table.model_key(key)
+    for entry in find_tensors(folder).values():
+        name = table.model_key(entry.key)
         if name is None:
             continue
         if name not in expected:
-            unexpected.append(key)
+            unexpected.append(entry.key)
             continue
+        if name in plan:
+            raise CheckpointError(f"{folder}: tensors {plan[name].key!r} and {entry.key!r} both load into {name!r}")
         want = tuple(expected[name].shape)
         if entry.shape != want:
             raise CheckpointError(
-                f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}, the config asks for {list(want)}"
+                f"{entry.file}: tensor {entry.key!r} has shape {list(entry.shape)}, the config asks for {list(want)}"
             )
-        tensor = read_tensor(entry)
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        loaded[name] = tensor.to(device)
-        del tensor  # keep at most one tensor's worth of staging memory alive
-
+        plan[name] = entry
     if unexpected:
         raise CheckpointError(
             f"{folder}: {len(unexpected)} tensors in the checkpoint fit no part of the model, e.g. {unexpected[:5]}; "
             "is config.json from the same checkpoint?"
         )
-    missing = []
-    for names in aliases.values():
-        have = [n for n in names if n in loaded]
-        if not have:
-            missing.append(names[0])
-            continue
-        # A tied parameter: transformers keeps the input embedding when both names are present.
-        source = loaded[have[0]]
-        for n in names:
-            loaded[n] = source
+    missing = [names[0] for names in tied_groups.values() if not any(n in plan for n in names)]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} tensors are missing from the checkpoint, e.g. {missing[:5]}")
 
+    loaded: dict[str, torch.Tensor] = {}
+    for names in tied_groups.values():
+        present = [n for n in names if n in plan]
+        tensors = {n: _read_as(plan[n], dtype, device) for n in present}
+        first = tensors[present[0]]
+        if all(torch.equal(t, first) for t in tensors.values()):
+            loaded.update({n: first for n in names})  # one tensor serves the whole tied group
+        else:
+            # As transformers 5: a tied pair stored with different values is loaded untied (and warned about).
+            warnings.warn(f"{folder}: {present} are tied in config.json but differ in the checkpoint; loading them untied")
+            loaded.update({n: tensors.get(n, first) for n in names})
+
     model.load_state_dict(loaded, strict=True, assign=True)
-    # assign=True replaced the tied Parameter under one name only: tie them again.
-    for names in aliases.values():
-        owner, attr = _parent(model, names[0])
-        for n in names[1:]:
-            setattr(*_parent(model, n), getattr(owner, attr))
+    # assign=True made a new Parameter under each name: tie again the names that share a tensor.
+    for first, *others in tied_groups.values():
+        for n in others:
+            if loaded[n] is loaded[first]:
+                owner, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(owner), attr, model.get_parameter(first))
     # Parameters are in place already; this moves the derived buffers (RoPE's inv_freq) along.
     return model.to(device).eval()
 
@@ -276,8 +287,3 @@ def _skip_init():
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr

@@ -13,10 +13,12 @@ Tolerances, as max |ours - theirs| / max |theirs| over the logits:
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
-from checkpoints import TEXT_CONFIGS, build_text_model, save_text_checkpoint
+from checkpoints import TEXT_CONFIGS, build_text_model, read_folder_tensors, save_sharded, save_text_checkpoint
 
 import minivlm
 
@@ -155,3 +157,25 @@ def test_logits_to_keep_returns_the_last_positions(family):
     assert last.shape == (1, 1, 211)
     # A matmul over one row may sum in another order than over seven: last-bit differences only.
     assert rel_err(last, model(ids)[:, -1:]) < 1e-6
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
+    """Some tied checkpoints store lm_head.weight too. transformers 5 ties the pair when the two
+    copies are equal and loads them untied, with a warning, when they differ; so must we."""
+    hf = build_text_model("qwen2")
+    folder = save_text_checkpoint(hf, tmp_path, layout="v5")
+    tensors = read_folder_tensors(folder)
+    for differs in (False, True):
+        embed = tensors["model.embed_tokens.weight"]
+        tensors["lm_head.weight"] = torch.randn_like(embed) if differs else embed.clone()
+        save_sharded(folder, tensors, 1)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = minivlm.load_model(folder)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == (not differs)
+        assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == (not differs)
+        assert any("differ in the checkpoint" in str(w.message) for w in caught) == differs
+        ids = prompt(9)
+        with torch.no_grad():
+            assert rel_err(model(ids), ref(ids).logits) < FP32_TOL

@@ -12,6 +12,9 @@ from checkpoints import build_text_model, read_folder_tensors, save_sharded, sav
 
 import minivlm
 from minivlm import CheckpointError, ConfigError
+from minivlm.config import TextConfig
+from minivlm.decoder import DecoderLM
+from minivlm.weights import KeyTable, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,16 @@ def test_tensor_that_fits_nothing(single):
         minivlm.load_model(single)
 
 
+def test_two_keys_loading_into_one_parameter(single):
+    tensors = read_folder_tensors(single)
+    tensors["old.norm.weight"] = tensors["model.norm.weight"].clone()
+    save_sharded(single, tensors, 1)
+    table = KeyTable(renames=((r"old\.", "model."),))
+    config = TextConfig.from_hf(json.loads((single / "config.json").read_text()))
+    with pytest.raises(CheckpointError, match=r"tensors '(old|model).norm.weight' and '(old|model).norm.weight' both load into 'model.norm.weight'"):
+        load_weights(lambda: DecoderLM(config), single, table, torch.float32, torch.device("cpu"))
+
+
 def test_no_weights_at_all(single):
     (single / "model.safetensors").unlink()
     (single / "pytorch_model.bin").write_bytes(b"pickle")
@@ -176,7 +189,7 @@ def test_path_that_is_not_a_checkpoint(tmp_path):
 def test_hub_id_that_cannot_be_fetched(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIVLM_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: not in .* and the hub could not be reached"):
+    with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: no such local folder, not in .*, and the hub could not be reached"):
         minivlm.load_model("no-such-org/no-such-model")
 
 

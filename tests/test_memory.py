@@ -21,10 +21,7 @@ from checkpoints import build_text_model, save_text_checkpoint
 
 CHILD = r"""
 import json, sys, torch, minivlm
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+from minivlm.bench import proc_status as status
 tiny, folder, dtype = sys.argv[1:4]
 minivlm.load_model(tiny, dtype=dtype)
 with open("/proc/self/clear_refs", "w") as f:
