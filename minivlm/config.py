@@ -9,7 +9,7 @@ never mutated afterwards.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,19 @@ TEXT_FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"qkv_bias": False, "o_bias": False, "max_positions": 4096 * 32},
     "qwen2": {"qkv_bias": True, "o_bias": False, "max_positions": 32768},
 }
+
+# transformers' config-class defaults, for the sub-configs of VLM checkpoints: the hub's
+# llava-1.5 config.json, for one, gives only a handful of text_config fields and leans on
+# LlamaConfig's defaults for the rest. (tests/test_config.py checks these against transformers.)
+TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
+                    max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=32768),
+}  # fmt: skip
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -65,9 +78,16 @@ class TextConfig:
     dtype: str | None = None              # the dtype the checkpoint was saved in, if it says
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "TextConfig":
-        """Build from a decoder's config dict (a text checkpoint's config.json, or a VLM's text_config)."""
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json", fill_defaults: bool = False) -> "TextConfig":
+        """Build from a decoder's config dict (a text checkpoint's config.json, or a VLM's text_config).
+
+        fill_defaults: take fields the dict leaves out from transformers' config class, as
+        transformers does for a VLM's text_config. A text checkpoint's own config.json must carry
+        its sizes: there a missing size is a broken file, not a default.
+        """
         model_type = d.get("model_type")
+        if fill_defaults and model_type in TEXT_DEFAULTS:
+            d = {**TEXT_DEFAULTS[model_type], **d}
         if model_type is None:
             raise ConfigError(f"{source}: no 'model_type'; expected one of {sorted(TEXT_FAMILIES)}")
         if model_type not in TEXT_FAMILIES:
@@ -184,6 +204,166 @@ def _sliding_windows(d: dict[str, Any], model_type: str, num_layers: int, source
         else:
             raise ConfigError(f"{source}: layer type {kind!r} is not supported (full_attention, sliding_attention)")
     return tuple(windows)
+
+
+# vision_config model_type -> the tower's structure, and transformers' defaults for its fields.
+VISION_FAMILIES: dict[str, dict[str, Any]] = {
+    "clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False, variable_size=False, defaults=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+        patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+    "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True, variable_size=False, defaults=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+        patch_size=16, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)),
+    "idefics3_vision": dict(class_token=False, pre_norm=False, patch_bias=True, variable_size=True, defaults=dict(
+        hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16, image_size=224,
+        patch_size=32, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)),
+}  # fmt: skip
+
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT: CLIP (class token, pre-norm), SigLIP, or the NaViT-style SigLIP of Idefics3."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_act: str
+    layer_norm_eps: float
+    class_token: bool  # CLIP prepends a learned CLS embedding
+    pre_norm: bool  # CLIP's `pre_layrnorm` (sic) after the embeddings
+    patch_bias: bool  # the patch convolution's bias (not CLIP)
+    variable_size: bool  # positions bucketed onto the fixed grid per image, with a patch mask (NaViT)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of a full-size image."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VisionConfig":
+        model_type = d.get("model_type")
+        if model_type not in VISION_FAMILIES:
+            raise ConfigError(
+                f"{source}: unknown vision_config model_type {model_type!r}; minivlm supports {sorted(VISION_FAMILIES)}"
+            )
+        family = VISION_FAMILIES[model_type]
+        d = {**family["defaults"], **{k: v for k, v in d.items() if v is not None}}
+        if d["hidden_act"] not in ACTIVATIONS:
+            raise ConfigError(f"{source}: vision hidden_act {d['hidden_act']!r} is not supported; expected one of {ACTIVATIONS}")
+        hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        if hidden % heads:
+            raise ConfigError(f"{source}: vision hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            image_size=int(d["image_size"]),
+            patch_size=int(d["patch_size"]),
+            num_channels=int(d["num_channels"]),
+            hidden_act=d["hidden_act"],
+            layer_norm_eps=float(d["layer_norm_eps"]),
+            class_token=family["class_token"],
+            pre_norm=family["pre_norm"],
+            patch_bias=family["patch_bias"],
+            variable_size=family["variable_size"],
+        )
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """What turns vision features into text embeddings; `kind` names a class in connector.CONNECTORS."""
+
+    kind: str  # "mlp2x_gelu" | "pixel_shuffle" | "linear"
+    in_dim: int  # vision hidden size (times the number of feature layers concatenated)
+    out_dim: int  # text hidden size
+    act: str = "gelu"
+    bias: bool = True
+    scale_factor: int = 1  # pixel shuffle: tokens merged per side
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    model_type: str  # "llava" | "llava_next" | "idefics3"
+    text: TextConfig
+    vision: VisionConfig
+    connector: ConnectorConfig
+    image_token_id: int
+    # Which vision hidden states feed the connector: indices into (embeddings, layer 1, ..., layer N),
+    # concatenated (LLaVA's vision_feature_layer); None: the last layer through post_layernorm.
+    feature_layers: tuple[int, ...] | None
+    drop_cls: bool  # LLaVA's "default" select strategy: drop the CLS position
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT anyres: (height, width) choices
+    dtype: str | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VLMConfig":
+        model_type = d["model_type"]
+        text_d = d.get("text_config") or {"model_type": "llama"}  # transformers' default sub-config
+        if model_type == "idefics3":
+            text_d = {"rms_norm_eps": 1e-5, **text_d}  # Idefics3Config's own default for its Llama
+        text = TextConfig.from_hf(text_d, f"{source} text_config", fill_defaults=True)
+        if model_type in ("llava", "llava_next"):
+            # LlavaConfig's default tower: CLIP ViT-L/14 at 336.
+            vision_d = d.get("vision_config") or {}
+            vision_d = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                        "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
+                        **vision_d}  # fmt: skip
+            vision = VisionConfig.from_hf(vision_d, f"{source} vision_config")
+            layers = d.get("vision_feature_layer", -2)
+            layers = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
+            for i in layers:
+                if not -(vision.num_layers + 1) <= i <= vision.num_layers:
+                    raise ConfigError(
+                        f"{source}: vision_feature_layer {i} is out of range for {vision.num_layers} vision layers"
+                    )
+            strategy = d.get("vision_feature_select_strategy", "default")
+            if strategy not in ("default", "full"):
+                raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
+            act = d.get("projector_hidden_act", "gelu")
+            if act not in ACTIVATIONS:
+                raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported; expected one of {ACTIVATIONS}")
+            connector = ConnectorConfig(
+                "mlp2x_gelu", vision.hidden_size * len(layers), text.hidden_size, act=act,
+                bias=bool(d.get("multimodal_projector_bias", True)),
+            )  # fmt: skip
+            pinpoints: tuple = ()
+            if model_type == "llava_next":
+                raw = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+                pinpoints = tuple((int(h), int(w)) for h, w in raw)
+            # A VLM ties by its top-level flag; LlavaConfig alone also honours a text_config's flag
+            # (older files saved it there). The decision is kept in one place: the text config.
+            tie = bool(d.get("tie_word_embeddings", False)) or (model_type == "llava" and text.tie_word_embeddings)
+            return cls(
+                model_type=model_type, text=replace(text, tie_word_embeddings=tie), vision=vision,
+                connector=connector, image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+                feature_layers=layers, drop_cls=strategy == "default",
+                image_grid_pinpoints=pinpoints, dtype=d.get("dtype") or d.get("torch_dtype"),
+            )  # fmt: skip
+        if model_type == "idefics3":
+            vision = VisionConfig.from_hf({"model_type": "idefics3_vision", **(d.get("vision_config") or {})},
+                                          f"{source} vision_config")  # fmt: skip
+            scale = int(d.get("scale_factor", 2))
+            if vision.grid % scale:
+                raise ConfigError(f"{source}: scale_factor {scale} does not divide the {vision.grid}-patch grid")
+            connector = ConnectorConfig(
+                "pixel_shuffle", vision.hidden_size * scale**2, text.hidden_size, bias=False, scale_factor=scale
+            )
+            text = replace(text, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+            return cls(
+                model_type=model_type, text=text, vision=vision, connector=connector,
+                image_token_id=int(d.get("image_token_id", 128257)), feature_layers=None, drop_cls=False,
+                dtype=d.get("dtype") or d.get("torch_dtype"),
+            )  # fmt: skip
+        raise ConfigError(f"{source}: {model_type!r} is not a vision-language model_type minivlm knows")
 
 
 def read_config(folder: Path) -> dict[str, Any]:

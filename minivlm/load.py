@@ -9,10 +9,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, TextConfig, read_config
+from .config import ConfigError, TextConfig, VLMConfig, read_config
 from .decoder import DecoderLM
 from .hub import resolve_checkpoint
-from .weights import TEXT_KEYS, KeyTable, load_weights
+from .vlm import VLM, Idefics3, LlavaNext
+from .weights import IDEFICS3_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
     "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
     "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
+    "llava": Family(VLMConfig.from_hf, VLM, LLAVA_KEYS),
+    "llava_next": Family(VLMConfig.from_hf, LlavaNext, LLAVA_KEYS),
+    "idefics3": Family(VLMConfig.from_hf, Idefics3, IDEFICS3_KEYS),
 }
 
 DTYPES = {

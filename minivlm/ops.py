@@ -160,3 +160,21 @@ def attention(
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's elementwise part: silu(gate) * up, in the input dtype as transformers' LlamaMLP."""
     return F.silu(gate) * up
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, as nn.LayerNorm (the vision towers)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activations the towers and connectors use, by their transformers names."""
+    if name == "quick_gelu":  # CLIP: a sigmoid approximation of GELU
+        return x * torch.sigmoid(1.702 * x)
+    if name == "gelu_pytorch_tanh":  # SigLIP
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")

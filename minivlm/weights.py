@@ -194,6 +194,33 @@ class KeyTable:
 # Llama/Mistral/Qwen2 text checkpoints: the hub and transformers 5 agree on the names.
 TEXT_KEYS = KeyTable(ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
 
+# LLaVA, LLaVA-NeXT, LLaVA-Interleave. minivlm's VLM tree uses these names, so the hub's keys load
+# as they are but for the vision tower's `vision_model.` level, which transformers 5's
+# save_pretrained drops. The rows after it take transformers 5's in-memory names (a state_dict
+# saved by hand). SigLIP's pooling head is never used by LLaVA.
+LLAVA_KEYS = KeyTable(
+    renames=(
+        (r"vision_tower\.vision_model\.", "vision_tower."),
+        (r"model\.vision_tower\.", "vision_tower."),
+        (r"model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"model\.language_model\.", "language_model.model."),
+        (r"model\.image_newline", "image_newline"),
+        (r"lm_head\.", "language_model.lm_head."),
+    ),
+    ignore=(r"vision_tower\.(vision_model\.)?head\..*", r".*\.rotary_emb\.inv_freq"),
+)
+
+# Idefics3 / SmolVLM: the hub and transformers 5 agree; only the top-level names differ from ours.
+IDEFICS3_KEYS = KeyTable(
+    renames=(
+        (r"model\.vision_model\.", "vision_tower."),
+        (r"model\.connector\.modality_projection\.", "multi_modal_projector."),
+        (r"model\.text_model\.", "language_model.model."),
+        (r"lm_head\.", "language_model.lm_head."),
+    ),
+    ignore=(r".*\.rotary_emb\.inv_freq",),
+)
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a model from a folder

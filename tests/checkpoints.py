@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the network
@@ -124,5 +125,77 @@ def save_text_checkpoint(model, folder: Path, layout: str = "hub", shards: int =
         (folder / "config.json").write_text(json.dumps(hub_config(config), indent=2))
         for i in range(model.config.num_hidden_layers):
             tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_sharded(folder, tensors, shards)
+    return folder
+
+
+# Tiny VLMs of each family. Vision head dims are the real ones (CLIP-L 64, SigLIP so400m 72);
+# image and patch sizes are shrunk so a test runs in a second. The NeXT pinpoints are the real
+# ones scaled from 336 to the 28-pixel tile.
+CLIP = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=2, image_size=28, patch_size=14)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160, num_hidden_layers=3,
+              num_attention_heads=2, image_size=42, patch_size=14)
+VLM_CONFIGS = {
+    "llava": dict(cls="LlavaConfig", vision_config=CLIP, text="llama", image_token_index=200,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "llava_interleave": dict(cls="LlavaConfig", vision_config=SIGLIP, text="qwen2", image_token_index=200,
+                             vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    "llava_multilayer": dict(cls="LlavaConfig", vision_config=CLIP, text="llama", image_token_index=200,
+                             vision_feature_layer=[-3, -1], vision_feature_select_strategy="default"),
+    "llava_next": dict(cls="LlavaNextConfig", vision_config=CLIP, text="mistral", image_token_index=200,
+                       image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]),
+    "idefics3": dict(cls="Idefics3Config", text="llama3", image_token_id=200, scale_factor=2,
+                     vision_config=dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=28, patch_size=7)),
+    "smolvlm": dict(cls="Idefics3Config", text="smollm2", image_token_id=200, scale_factor=4, tie_word_embeddings=True,
+                    vision_config=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=4)),
+}  # fmt: skip
+
+
+def text_config_dict(name: str) -> dict:
+    kwargs = dict(TEXT_CONFIGS[name])
+    return getattr(transformers, kwargs.pop("cls"))(**kwargs).to_dict()
+
+
+def build_vlm_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A transformers VLM with every parameter random, fp32, eager attention everywhere."""
+    kwargs = dict(VLM_CONFIGS[name])
+    config_cls = getattr(transformers, kwargs.pop("cls"))
+    text = text_config_dict(kwargs.pop("text"))
+    config = config_cls(text_config=text, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def save_vlm_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 1) -> Path:
+    """Save a transformers VLM as a checkpoint folder: "v5" as save_pretrained writes it, "hub" as
+    the hub's llava-hf / HuggingFaceM4 repositories hold it (the vision tower's `vision_model.`
+    level, the older config dialect, RoPE buffers), sharded with an index when shards > 1."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if layout == "v5" and shards == 1:
+        return folder
+    tensors = read_folder_tensors(folder)
+    if layout == "hub":
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"] = hub_config(config["text_config"])
+        config["torch_dtype"] = config.pop("dtype", "float32")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        if config["model_type"] in ("llava", "llava_next"):
+            tensors = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()}
+            prefix = "language_model.model"
+        else:
+            prefix = "model.text_model"
+        for i in range(config["text_config"]["num_hidden_layers"]):
+            tensors[f"{prefix}.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
     save_sharded(folder, tensors, shards)
     return folder
