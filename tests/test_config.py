@@ -7,7 +7,9 @@ import json
 import pytest
 from checkpoints import TEXT_CONFIGS, build_text_model, hub_config
 
-from minivlm.config import TextConfig
+import transformers
+
+from minivlm.config import TextConfig, VLMConfig
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
@@ -47,3 +49,52 @@ def test_old_rope_scaling_key_type_is_read():
                           "original_max_position_embeddings": 8192}}  # fmt: skip
     rope = TextConfig.from_hf(d).rope
     assert (rope.kind, rope.factor, rope.original_max_positions) == ("llama3", 8.0, 8192)
+
+
+def test_text_defaults_are_transformers_defaults():
+    from minivlm.config import TEXT_DEFAULTS
+
+    for model_type, defaults in TEXT_DEFAULTS.items():
+        hf = transformers.AutoConfig.for_model(model_type)
+        for key, value in defaults.items():
+            assert getattr(hf, key) == value, (model_type, key)
+
+
+def test_vision_defaults_are_transformers_defaults():
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    from minivlm.config import VISION_FAMILIES
+
+    classes = {"clip_vision_model": transformers.CLIPVisionConfig, "siglip_vision_model": transformers.SiglipVisionConfig,
+               "idefics3_vision": Idefics3VisionConfig}  # fmt: skip
+    for model_type, family in VISION_FAMILIES.items():
+        hf = classes[model_type]()
+        for key, value in family["defaults"].items():
+            assert getattr(hf, key) == value, (model_type, key)
+
+
+def test_minimal_hub_llava_config_resolves_as_transformers_does():
+    # llava-hf/llava-1.5-7b-hf's config.json gives only these fields; the rest are class defaults.
+    d = {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+        "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+        "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                        "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                        "torch_dtype": "float16", "vocab_size": 32064},
+        "tie_word_embeddings": False, "torch_dtype": "float16", "vision_config": {
+            "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+            "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+            "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    }  # fmt: skip
+    ours = VLMConfig.from_hf(d)
+    hf = transformers.LlavaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype")})
+    t, v = hf.text_config, hf.vision_config
+    assert (ours.text.hidden_size, ours.text.num_layers, ours.text.num_heads, ours.text.num_kv_heads) == (
+        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads)  # fmt: skip
+    assert (ours.text.intermediate_size, ours.text.vocab_size, ours.text.rms_norm_eps) == (
+        t.intermediate_size, t.vocab_size, t.rms_norm_eps)  # fmt: skip
+    assert (ours.vision.hidden_act, ours.vision.layer_norm_eps, ours.vision.grid) == (
+        v.hidden_act, v.layer_norm_eps, v.image_size // v.patch_size)  # fmt: skip
+    assert ours.image_token_id == hf.image_token_id and ours.feature_layers == (hf.vision_feature_layer,)
+    assert ours.connector.in_dim == v.hidden_size and ours.connector.out_dim == t.hidden_size
