@@ -134,6 +134,87 @@ def bench_loader(args: argparse.Namespace) -> None:
             del ref
 
 
+# LLaVA-Interleave configurations for `bench vlm`: "interleave-0.5b" is the real
+# llava-hf/llava-interleave-qwen-0.5b-hf (SigLIP so400m with 26 layers, Qwen1.5-0.5B), random
+# weights; "small" keeps its shapes (729 patches, head_dim 72 and 64) at a size a CPU runs in seconds.
+VLM_PRESETS = {
+    "interleave-0.5b": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
+        text=dict(vocab_size=151646, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                  num_attention_heads=16, num_key_value_heads=16),
+    ),
+    "small": dict(
+        vision=dict(hidden_size=288, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=4),
+        text=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=8),
+    ),
+}  # fmt: skip
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, repeats: int, device: str) -> float:
+    """Best wall time of `repeats` calls after one warm-up."""
+    best = float("inf")
+    with torch.inference_mode():
+        fn()
+        _sync(device)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_vlm(args: argparse.Namespace) -> None:
+    transformers = _transformers()
+    import minivlm
+
+    preset = VLM_PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    config = transformers.LlavaConfig(
+        vision_config=dict(model_type="siglip_vision_model", image_size=384, patch_size=14, **preset["vision"]),
+        text_config=dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, **preset["text"]),
+        image_token_index=preset["text"]["vocab_size"] - 1, vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        transformers.LlavaForConditionalGeneration(config).save_pretrained(tmp)
+        ours = minivlm.load_model(tmp, dtype=dtype, device=args.device)
+        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
+            tmp, dtype=dtype, attn_implementation=args.attn
+        ).to(args.device)
+    theirs.eval()
+    params = sum(p.numel() for p in ours.parameters())
+    print(f"LLaVA-Interleave '{args.preset}': {params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; "
+          f"transformers {transformers.__version__} ({args.attn} attention), torch {torch.__version__}")  # fmt: skip
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.images, 3, 384, 384, generator=g).to(args.device, dtype)
+    text = torch.randint(0, 1000, (args.text_tokens,), generator=g)
+    image = torch.full((729,), config.image_token_id)
+    ids = torch.cat([text[:4]] + [image] * args.images + [text[4:]])[None].to(args.device)
+
+    rows = [
+        ("vision tower", lambda: ours.vision_tower(pixels, select=(-1,)),
+         lambda: theirs.model.vision_tower(pixels, output_hidden_states=-1)),
+        (f"forward {args.images} image(s) + {args.text_tokens} text tokens ({ids.shape[1]} total)",
+         lambda: ours(ids, pixel_values=pixels), lambda: theirs(input_ids=ids, pixel_values=pixels)),
+    ]  # fmt: skip
+    print(f"{'':<52}{'minivlm s':>11}{'transformers s':>16}{'speed-up':>10}")
+    for name, fn_ours, fn_theirs in rows:
+        t_ours, t_theirs = time_call(fn_ours, args.repeats, args.device), time_call(fn_theirs, args.repeats, args.device)
+        print(f"{name:<52}{t_ours:>11.4f}{t_theirs:>16.4f}{t_theirs / t_ours:>10.2f}")
+    with torch.inference_mode():
+        a, b = ours(ids, pixel_values=pixels).float(), theirs(input_ids=ids, pixel_values=pixels).logits.float()
+    print(f"max |logit diff| / max |logit|: {((a - b).abs().max() / b.abs().max()).item():.1e}")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against transformers in the same run")
     which = p.add_subparsers(dest="target", required=True)
@@ -144,3 +225,12 @@ def add_parser(sub) -> None:
     loader.add_argument("--seq", type=int, default=256)
     loader.add_argument("--repeats", type=int, default=3)
     loader.set_defaults(run=bench_loader)
+    vlm = which.add_parser("vlm", help="vision tower and image+prompt forward of a LLaVA-Interleave model")
+    vlm.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small")
+    vlm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    vlm.add_argument("--device", default="cpu")
+    vlm.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
+    vlm.add_argument("--images", type=int, default=1)
+    vlm.add_argument("--text-tokens", type=int, default=32)
+    vlm.add_argument("--repeats", type=int, default=5)
+    vlm.set_defaults(run=bench_vlm)

@@ -214,3 +214,36 @@ def test_bf16_stays_close_to_transformers_bf16(family, tmp_path):
     clear = (top2[..., 0] - top2[..., 1]) > BF16_TOL * theirs.abs().max()
     assert clear.any(), "the greedy check would be vacuous"
     assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=2, image_size=378, patch_size=14),  # 27 x 27 = 729 patches, head_dim 72
+        dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=2, image_size=336, patch_size=14),  # 24 x 24 + CLS = 577, head_dim 64
+    ],
+    ids=["siglip_729", "clip_577"],
+)  # fmt: skip
+def test_real_token_counts(vision, tmp_path):
+    """The real towers' sequence lengths and head dims (not block multiples), end to end."""
+    text = dict(TEXT_CONFIGS_FOR_REAL)
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=transformers.Qwen2Config(**text).to_dict(), image_token_index=200,
+        vision_feature_layer=-1 if vision["model_type"].startswith("siglip") else -2,
+        vision_feature_select_strategy="full" if vision["model_type"].startswith("siglip") else "default",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(config).eval()
+    model = minivlm.load_model(save_vlm_checkpoint(hf, tmp_path, layout="hub"))
+    g = torch.Generator().manual_seed(0)
+    inputs = llava_pixels(hf, 1, g)
+    ids = prompt_with_images(hf_feature_counts(hf, inputs), [3, 4], g)[None]
+    assert int((ids == IMAGE_TOKEN).sum()) == 729 if vision["image_size"] == 378 else 576
+    with torch.no_grad():
+        assert rel_err(model(ids, **inputs), hf(input_ids=ids, **inputs).logits) < FP32_TOL
+
+
+TEXT_CONFIGS_FOR_REAL = dict(vocab_size=211, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
