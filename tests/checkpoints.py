@@ -51,21 +51,26 @@ TEXT_CONFIGS = {
 }  # fmt: skip
 
 
+def randomize_(model):
+    """Every parameter random, norm weights and biases too (their defaults, ones and zeros, would
+    let a loader that drops them pass), scaled so activations stay near unit size."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
 def build_text_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A transformers causal LM with every parameter random (norm weights and biases too, so a
-    loader that drops them fails), in fp32 with eager attention."""
+    """A transformers causal LM with every parameter random, in fp32 with eager attention."""
     kwargs = dict(TEXT_CONFIGS[name])
     config_cls = getattr(transformers, kwargs.pop("cls"))
     config = config_cls(**kwargs, attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def hub_config(d: dict) -> dict:
@@ -108,27 +113,6 @@ def read_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_text_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 1) -> Path:
-    """Save a transformers causal LM as a checkpoint folder.
-
-    layout "v5": exactly what transformers 5's save_pretrained writes (sharded when shards > 1).
-    layout "hub": the hub's config dialect, plus the `rotary_emb.inv_freq` buffers that older
-    Llama checkpoints carry, resharded with an index when shards > 1.
-    """
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    if layout == "v5" and shards == 1:
-        return folder
-    tensors = read_folder_tensors(folder)
-    if layout == "hub":
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps(hub_config(config), indent=2))
-        for i in range(model.config.num_hidden_layers):
-            tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
-    save_sharded(folder, tensors, shards)
-    return folder
-
-
 # Tiny VLMs of each family. Vision head dims are the real ones (CLIP-L 64, SigLIP so400m 72);
 # image and patch sizes are shrunk so a test runs in a second. The NeXT pinpoints are the real
 # ones scaled from 336 to the 28-pixel tile.
@@ -167,19 +151,17 @@ def build_vlm_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     config = config_cls(text_config=text, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
-def save_vlm_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 1) -> Path:
-    """Save a transformers VLM as a checkpoint folder: "v5" as save_pretrained writes it, "hub" as
-    the hub's llava-hf / HuggingFaceM4 repositories hold it (the vision tower's `vision_model.`
-    level, the older config dialect, RoPE buffers), sharded with an index when shards > 1."""
+def save_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 1) -> Path:
+    """Save a transformers model (a causal LM or a VLM) as a checkpoint folder.
+
+    layout "v5": exactly what transformers 5's save_pretrained writes (sharded when shards > 1).
+    layout "hub": as the hub's repositories hold it: the older config dialect (for a VLM, in its
+    text_config), the `rotary_emb.inv_freq` buffers older Llama checkpoints carry, and for LLaVA
+    the vision tower's `vision_model.` level; resharded with an index when shards > 1.
+    """
     folder = Path(folder)
     model.save_pretrained(folder)
     if layout == "v5" and shards == 1:
@@ -187,15 +169,19 @@ def save_vlm_checkpoint(model, folder: Path, layout: str = "hub", shards: int = 
     tensors = read_folder_tensors(folder)
     if layout == "hub":
         config = json.loads((folder / "config.json").read_text())
-        config["text_config"] = hub_config(config["text_config"])
-        config["torch_dtype"] = config.pop("dtype", "float32")
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        if config["model_type"] in ("llava", "llava_next"):
-            tensors = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()}
-            prefix = "language_model.model"
+        if "text_config" in config:  # a VLM
+            config["text_config"] = hub_config(config["text_config"])
+            config["torch_dtype"] = config.pop("dtype", "float32")
+            layers = config["text_config"]["num_hidden_layers"]
+            if config["model_type"] in ("llava", "llava_next"):
+                tensors = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()}
+                prefix = "language_model.model"
+            else:
+                prefix = "model.text_model"
         else:
-            prefix = "model.text_model"
-        for i in range(config["text_config"]["num_hidden_layers"]):
+            config, layers, prefix = hub_config(config), config["num_hidden_layers"], "model"
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for i in range(layers):
             tensors[f"{prefix}.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
     save_sharded(folder, tensors, shards)
     return folder

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from checkpoints import TEXT_CONFIGS, build_text_model, read_folder_tensors, save_sharded, save_text_checkpoint
+from checkpoints import TEXT_CONFIGS, build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 
 import minivlm
 
@@ -34,7 +34,7 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def family(request, tmp_path_factory):
     """(name, transformers model, checkpoint folder in the hub layout, sharded with an index)."""
     hf = build_text_model(request.param)
-    folder = save_text_checkpoint(hf, tmp_path_factory.mktemp(request.param), layout="hub", shards=3)
+    folder = save_checkpoint(hf, tmp_path_factory.mktemp(request.param), layout="hub", shards=3)
     return request.param, hf, folder
 
 
@@ -46,7 +46,7 @@ def prompt(length: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("layout,shards", [("hub", 1), ("v5", 1), ("v5", 2)])
 def test_layouts_load_to_the_same_logits(layout, shards, tmp_path):
     hf = build_text_model("llama3")
-    model = minivlm.load_model(save_text_checkpoint(hf, tmp_path, layout=layout, shards=shards))
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout=layout, shards=shards))
     ids = prompt(12)
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < FP32_TOL
@@ -129,7 +129,7 @@ def test_bf16_stays_close_to_transformers_bf16(family, tmp_path):
     name, hf, folder = family
     model = minivlm.load_model(folder, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    v5 = save_text_checkpoint(hf, tmp_path, layout="v5")
+    v5 = save_checkpoint(hf, tmp_path, layout="v5")
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(v5, dtype=torch.bfloat16, attn_implementation="eager")
     ids = prompt(12, seed=9, batch=2)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_bf16_stays_close_to_transformers_bf16(family, tmp_path):
 
 def test_dtype_follows_config_when_not_given(tmp_path):
     hf = build_text_model("llama").to(torch.bfloat16)
-    model = minivlm.load_model(save_text_checkpoint(hf, tmp_path, layout="v5"))
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="v5"))
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert minivlm.load_model(tmp_path, dtype="float32").lm_head.weight.dtype == torch.float32
 
@@ -163,7 +163,7 @@ def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
     """Some tied checkpoints store lm_head.weight too. transformers 5 ties the pair when the two
     copies are equal and loads them untied, with a warning, when they differ; so must we."""
     hf = build_text_model("qwen2")
-    folder = save_text_checkpoint(hf, tmp_path, layout="v5")
+    folder = save_checkpoint(hf, tmp_path, layout="v5")
     tensors = read_folder_tensors(folder)
     for differs in (False, True):
         embed = tensors["model.embed_tokens.weight"]

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from checkpoints import build_text_model, read_folder_tensors, save_sharded, save_text_checkpoint
+from checkpoints import build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 
 import minivlm
 from minivlm import CheckpointError, ConfigError
@@ -24,12 +24,12 @@ def hf_model():
 
 @pytest.fixture
 def sharded(hf_model, tmp_path):
-    return save_text_checkpoint(hf_model, tmp_path / "ckpt", layout="hub", shards=3)
+    return save_checkpoint(hf_model, tmp_path / "ckpt", layout="hub", shards=3)
 
 
 @pytest.fixture
 def single(hf_model, tmp_path):
-    return save_text_checkpoint(hf_model, tmp_path / "ckpt", layout="hub", shards=1)
+    return save_checkpoint(hf_model, tmp_path / "ckpt", layout="hub", shards=1)
 
 
 def edit_json(path, fn):
@@ -194,7 +194,7 @@ def test_hub_id_that_cannot_be_fetched(tmp_path, monkeypatch):
 
 
 def test_hub_id_found_under_weights(hf_model, tmp_path, monkeypatch):
-    save_text_checkpoint(hf_model, tmp_path / "tiny-llama", layout="hub")
+    save_checkpoint(hf_model, tmp_path / "tiny-llama", layout="hub")
     monkeypatch.setenv("MINIVLM_WEIGHTS", str(tmp_path))
     assert minivlm.load_model("some-org/tiny-llama").config.hidden_size == 128
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import transformers
-from checkpoints import build_text_model, save_text_checkpoint
+from checkpoints import build_text_model, save_checkpoint
 
 CHILD = r"""
 import json, sys, torch, minivlm
@@ -41,9 +41,9 @@ def checkpoint(tmp_path_factory):
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    folder = save_text_checkpoint(model, tmp_path_factory.mktemp("mem"), layout="hub", shards=2)
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("mem"), layout="hub", shards=2)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    tiny = save_text_checkpoint(build_text_model("llama"), tmp_path_factory.mktemp("tiny"), layout="hub", shards=2)
+    tiny = save_checkpoint(build_text_model("llama"), tmp_path_factory.mktemp("tiny"), layout="hub", shards=2)
     return tiny, folder, size
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from checkpoints import VLM_CONFIGS, build_vlm_model, save_vlm_checkpoint
+from checkpoints import VLM_CONFIGS, build_vlm_model, save_checkpoint
 from vlm_inputs import IMAGE_TOKEN, hf_feature_counts, idefics3_pixels, llava_pixels, next_pixels, prompt_with_images
 
 import minivlm
@@ -35,7 +35,7 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @pytest.fixture(scope="module", params=sorted(VLM_CONFIGS))
 def family(request, tmp_path_factory):
     hf = build_vlm_model(request.param)
-    folder = save_vlm_checkpoint(hf, tmp_path_factory.mktemp(request.param), layout="hub", shards=3)
+    folder = save_checkpoint(hf, tmp_path_factory.mktemp(request.param), layout="hub", shards=3)
     return request.param, hf, folder, minivlm.load_model(folder)
 
 
@@ -195,7 +195,7 @@ def select_images(name: str, inputs: dict, images: list[int], b: int) -> dict:
 
 def test_bf16_stays_close_to_transformers_bf16(family, tmp_path):
     name, hf, folder, _ = family
-    v5 = save_vlm_checkpoint(hf, tmp_path, layout="v5")
+    v5 = save_checkpoint(hf, tmp_path, layout="v5")
     theirs_model = transformers.AutoModelForImageTextToText.from_pretrained(
         v5, dtype=torch.bfloat16, attn_implementation="eager"
     )
@@ -236,7 +236,7 @@ def test_real_token_counts(vision, tmp_path):
     )  # fmt: skip
     torch.manual_seed(0)
     hf = transformers.LlavaForConditionalGeneration(config).eval()
-    model = minivlm.load_model(save_vlm_checkpoint(hf, tmp_path, layout="hub"))
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
     g = torch.Generator().manual_seed(0)
     inputs = llava_pixels(hf, 1, g)
     ids = prompt_with_images(hf_feature_counts(hf, inputs), [3, 4], g)[None]

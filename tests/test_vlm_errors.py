@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from checkpoints import build_vlm_model, save_vlm_checkpoint
+from checkpoints import build_vlm_model, save_checkpoint
 from vlm_inputs import IMAGE_TOKEN, hf_feature_counts, idefics3_pixels, llava_pixels, next_pixels, prompt_with_images
 
 import minivlm
@@ -18,7 +18,7 @@ from minivlm.connector import build_connector
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     hf = build_vlm_model("llava")
-    return hf, minivlm.load_model(save_vlm_checkpoint(hf, tmp_path_factory.mktemp("llava")))
+    return hf, minivlm.load_model(save_checkpoint(hf, tmp_path_factory.mktemp("llava")))
 
 
 def llava_prompt(hf, images: int, tokens_per_image: int | None = None):
@@ -58,7 +58,7 @@ def test_pixel_values_of_the_wrong_size(llava, shape):
 
 def test_next_needs_image_sizes_that_fit_its_tiles(tmp_path):
     hf = build_vlm_model("llava_next")
-    model = minivlm.load_model(save_vlm_checkpoint(hf, tmp_path))
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path))
     inputs = next_pixels(hf, [(28, 80)], torch.Generator().manual_seed(0))  # a 1x3 grid: 4 tiles
     ids = prompt_with_images(hf_feature_counts(hf, inputs), [2, 2], torch.Generator())[None]
     with pytest.raises(ValueError, match=r"LLaVA-NeXT needs image_sizes"):
@@ -69,7 +69,7 @@ def test_next_needs_image_sizes_that_fit_its_tiles(tmp_path):
 
 def test_idefics3_pixel_layout(tmp_path):
     hf = build_vlm_model("idefics3")
-    model = minivlm.load_model(save_vlm_checkpoint(hf, tmp_path))
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path))
     inputs = idefics3_pixels(hf, [[(28, 28)]], torch.Generator().manual_seed(0))
     ids = prompt_with_images(hf_feature_counts(hf, inputs), [2, 2], torch.Generator())[None]
     with pytest.raises(ValueError, match=r"expected \(batch, images, C, H, W\)"):
@@ -89,7 +89,7 @@ def test_idefics3_pixel_layout(tmp_path):
     ],
 )
 def test_config_errors(tmp_path, change, message):
-    folder = save_vlm_checkpoint(build_vlm_model("llava"), tmp_path)
+    folder = save_checkpoint(build_vlm_model("llava"), tmp_path)
     config = json.loads((folder / "config.json").read_text())
     for key, value in change.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
