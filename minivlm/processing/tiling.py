@@ -6,6 +6,12 @@ stitch the tiles' features back together): both must agree to the token, so both
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from .image import ImageConfig, preprocess_pixels, rescale_normalize, resize, to_array
+
 
 def select_best_resolution(height: int, width: int, candidates) -> tuple[int, int]:
     """LLaVA-NeXT anyres: the (height, width) among `candidates` that keeps the most of the image
@@ -45,3 +51,96 @@ def unpadded_size(height: int, width: int, grid_h: int, grid_w: int) -> tuple[in
     new_w = int(round(width * (grid_h / height), 7))
     pad = (grid_w - new_w) // 2
     return grid_h, grid_w - 2 * pad
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting the pixels. Pixel arrays are uint8 (C, H, W) until rescale_normalize (image.py).
+
+
+def anyres_tiles(image, config: ImageConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """LLaVA-NeXT: one RGB image -> (tiles float32 (1 + rows*cols, 3, tile, tile), its (height, width)).
+
+    The image is scaled to fit the best resolution from the pinpoints (keeping its aspect, rounding
+    the scaled side up), centred on black, and cut into tiles row by row; the whole image squashed
+    to one tile comes first. As transformers' LlavaNextImageProcessor.get_image_patches.
+    """
+    pixels = to_array(image)
+    _, height, width = pixels.shape
+    tile = config.crop_size[0]
+    best_h, best_w = select_best_resolution(height, width, config.image_grid_pinpoints)
+    scale_w, scale_h = best_w / width, best_h / height  # (the scale first: the float rounding must match)
+    if scale_w < scale_h:
+        new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
+    else:
+        new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
+    scaled = resize(pixels, new_h, new_w, config.resample)
+    canvas = np.zeros((3, best_h, best_w), dtype=np.uint8)
+    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = scaled
+    tiles = [canvas[:, r : r + tile, c : c + tile] for r in range(0, best_h, tile) for c in range(0, best_w, tile)]
+    size = config.size_dict
+    side = size.get("shortest_edge") or size["height"]
+    base = resize(pixels, side, side, config.resample)
+    # Each tile then takes the plain path (resize to the shortest edge and crop: a no-op at tile size).
+    return np.stack([preprocess_pixels(t, config) for t in [base] + tiles]), (height, width)
+
+
+def anyres_token_count(height: int, width: int, pinpoints, tile: int, patches_per_side: int) -> int:
+    """Image tokens LLaVA-NeXT spends on one image: the base tile's patches, then the unpadded grid
+    with one newline per row (the model side, vlm.LlavaNext, builds exactly this)."""
+    rows, cols = anyres_grid(height, width, pinpoints, tile)
+    keep_h, keep_w = unpadded_size(height, width, rows * patches_per_side, cols * patches_per_side)
+    return patches_per_side**2 + keep_h * (keep_w + 1)
+
+
+def idefics3_tiles(image, config: ImageConfig) -> tuple[list[np.ndarray], int, int]:
+    """Idefics3 / SmolVLM: one RGB image -> (float32 tiles, rows, cols).
+
+    The longest edge is scaled to size["longest_edge"] (the other side rounded to even), then up to
+    whole tiles of `max_image_size`; the tiles are cut row by row and the whole image squashed to
+    one tile comes last. Without splitting (or when the image fits one tile) the image is squashed
+    to a single tile and rows = cols = 0. As transformers' Idefics3ImageProcessor.
+    """
+    pixels = to_array(image)
+    tile = config.max_image_size
+    if config.do_resize:
+        pixels = resize(pixels, *_longest_edge_size(*pixels.shape[1:], config.size_dict["longest_edge"]), config.resample)
+    if not config.do_image_splitting:
+        return [rescale_normalize(resize(pixels, tile, tile, config.resample), config)], 0, 0
+    height, width = pixels.shape[1:]
+    if width >= height:
+        new_w = math.ceil(width / tile) * tile
+        new_h = math.ceil(int(new_w / (width / height)) / tile) * tile
+    else:
+        new_h = math.ceil(height / tile) * tile
+        new_w = math.ceil(int(new_h * (width / height)) / tile) * tile
+    pixels = resize(pixels, new_h, new_w, config.resample)
+    if new_h <= tile and new_w <= tile:
+        return [rescale_normalize(pixels, config)], 0, 0
+    rows, cols = new_h // tile, new_w // tile
+    tiles = [pixels[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows) for c in range(cols)]
+    tiles.append(resize(pixels, tile, tile, config.resample))
+    return [rescale_normalize(t, config) for t in tiles], rows, cols
+
+
+MAX_SIDE = 4096  # transformers' Idefics3 cap on either side
+
+
+def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """Scale so the longest side is `longest`, the other side rounded down then up to even; then cap at MAX_SIDE."""
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_SIDE:
+        width, height = MAX_SIDE, int(MAX_SIDE / aspect)
+    elif height > width and height > MAX_SIDE:
+        height, width = MAX_SIDE, int(MAX_SIDE * aspect)
+    return max(height, 1), max(width, 1)

@@ -1,0 +1,253 @@
+"""Images in, pixel arrays out: decoding, resizing, rescaling, normalising, cropping, padding.
+
+The reference is transformers' PIL backend (`...ImageProcessorPil`), which resizes with Pillow as
+the original LLaVA code did: pixels stay uint8 through every resize and crop, are rescaled in
+float64 and stored as float32, then normalised in float32. Doing the same steps in the same
+dtypes gives the same floats, bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# preprocessor_config.json's `resample` numbers are PIL's filter numbers.
+RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
+            3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}  # fmt: skip
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459 x 9459)
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names it."""
+
+
+def load_image(source: Any, name: str | None = None) -> Image.Image:
+    """A path, bytes, numpy array or PIL image -> an RGB PIL image.
+
+    Files are decoded fully here, so that a truncated file fails now with its name, not later in a
+    resize. A file's EXIF orientation is applied (as transformers' `load_image`); a PIL image handed
+    in is taken as it is.
+    """
+    name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3) or source.dtype != np.uint8:
+            raise ImageError(f"{name}: expected a uint8 array (H, W) or (H, W, C), got {source.dtype} {source.shape}")
+        source = Image.fromarray(source)
+    if isinstance(source, Image.Image):
+        return to_rgb(_checked_size(source, name), name)
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise ImageError(f"{name}: no such image file")
+        with open(source, "rb") as f:
+            source = f.read()
+    if not isinstance(source, (bytes, bytearray)):
+        raise ImageError(f"{name}: not an image (expected a path, bytes, a numpy array or a PIL image)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source))
+            _checked_size(image, name)
+            image.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: refusing to decode an image this large ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode the image ({e})") from None
+    return to_rgb(ImageOps.exif_transpose(image), name)
+
+
+def _checked_size(image: Image.Image, name: str) -> Image.Image:
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name}: the image is empty ({image.width}x{image.height})")
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageError(f"{name}: refusing to decode {image.width}x{image.height} pixels (limit {MAX_PIXELS})")
+    return image
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Any mode -> RGB. Transparent pixels become white (composited, as transformers' convert_to_rgb);
+    16-bit and 32-bit grey are scaled down to 8 bits.
+
+    The scaling is a deliberate deviation: transformers converts 16-bit grey with Pillow's plain
+    convert("RGB"), which clips every value above 255 and turns most such photos white.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        image = Image.fromarray(((values - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel operations. A "pixel array" is uint8 (C, H, W) until `rescale_normalize`.
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (H, W, C) -> (C, H, W)
+
+
+def resize(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """uint8 (C, H, W) -> uint8 (C, height, width) through Pillow, as transformers' PIL backend."""
+    image = Image.fromarray(pixels.transpose(1, 2, 0))
+    return to_array(image.resize((width, height), resample=RESAMPLE[resample]))
+
+
+def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """The (height, width) with the shorter side `shortest`, truncating the longer as transformers does."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest * long / short)
+    return (new_long, shortest) if width <= height else (shortest, new_long)
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Crop the centre; an image smaller than the crop is first centred on black (transformers' center_crop)."""
+    _, h, w = pixels.shape
+    if h < height or w < width:
+        canvas_h, canvas_w = max(h, height), max(w, width)
+        canvas = np.zeros((pixels.shape[0], canvas_h, canvas_w), dtype=pixels.dtype)
+        top, left = -(-(canvas_h - h) // 2), -(-(canvas_w - w) // 2)  # ceil: the extra row goes on top
+        canvas[:, top : top + h, left : left + w] = pixels
+        pixels, h, w = canvas, canvas_h, canvas_w
+    top, left = (h - height) // 2, (w - width) // 2
+    return pixels[:, top : top + height, left : left + width]
+
+
+def pad_to_square(pixels: np.ndarray, color: tuple[int, ...]) -> np.ndarray:
+    """Centre on a square of `color` (the original LLaVA's expand2square)."""
+    c, h, w = pixels.shape
+    if h == w:
+        return pixels
+    side = max(h, w)
+    square = np.empty((c, side, side), dtype=pixels.dtype)
+    square[:] = np.asarray(color, dtype=pixels.dtype)[:, None, None]
+    top, left = (side - h) // 2, (side - w) // 2
+    square[:, top : top + h, left : left + w] = pixels
+    return square
+
+
+def rescale_normalize(pixels: np.ndarray, config: "ImageConfig") -> np.ndarray:
+    """uint8 (C, H, W) -> float32 (C, H, W): rescaled in float64 then stored as float32, normalised in float32."""
+    out = pixels
+    if config.do_rescale:
+        out = (out.astype(np.float64) * config.rescale_factor).astype(np.float32)
+    if config.do_normalize:
+        mean = np.asarray(config.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(config.image_std, dtype=np.float32)[:, None, None]
+        out = (out.astype(np.float32) - mean) / std
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint's preprocessing settings
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """preprocessor_config.json, as the image processors read it."""
+
+    processor_type: str
+    resample: int = 3
+    do_resize: bool = True
+    size: tuple[tuple[str, int], ...] = (("shortest_edge", 224),)  # a frozen dict
+    do_center_crop: bool = False
+    crop_size: tuple[int, int] = (224, 224)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    pad_to_square: bool = False  # LLaVA-1.5's do_pad: centre on a square of the mean colour first
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT
+    do_image_splitting: bool = False  # Idefics3
+    max_image_size: int = 364  # Idefics3: the tile side
+
+    @property
+    def size_dict(self) -> dict[str, int]:
+        return dict(self.size)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "preprocessor_config.json") -> "ImageConfig":
+        kind = str(d.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+        defaults = PROCESSOR_DEFAULTS.get(kind)
+        if defaults is None:
+            raise ImageError(f"{source}: image_processor_type {kind!r} is not supported; minivlm knows {sorted(PROCESSOR_DEFAULTS)}")
+        d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
+        crop = d.get("crop_size") or {}
+        crop = (crop["height"], crop["width"]) if "height" in crop else (crop.get("shortest_edge", 224),) * 2
+        if len(d["image_mean"]) != 3 or len(d["image_std"]) != 3:
+            raise ImageError(f"{source}: image_mean and image_std need 3 values each")
+        return cls(
+            processor_type=kind,
+            resample=int(d["resample"]),
+            do_resize=bool(d["do_resize"]),
+            size=tuple(sorted((k, int(v)) for k, v in d["size"].items())),
+            do_center_crop=bool(d.get("do_center_crop", False)),
+            crop_size=crop,
+            do_rescale=bool(d["do_rescale"]),
+            rescale_factor=float(d["rescale_factor"]),
+            do_normalize=bool(d["do_normalize"]),
+            image_mean=tuple(float(x) for x in d["image_mean"]),
+            image_std=tuple(float(x) for x in d["image_std"]),
+            pad_to_square=kind == "LlavaImageProcessor" and bool(d.get("do_pad", False)),
+            image_grid_pinpoints=tuple((int(h), int(w)) for h, w in d.get("image_grid_pinpoints") or ()),
+            do_image_splitting=bool(d.get("do_image_splitting", False)),
+            max_image_size=int((d.get("max_image_size") or {}).get("longest_edge", 364)),
+        )
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# Each processor class's own defaults, for the fields a preprocessor_config.json leaves out.
+PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
+                               crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                               do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    "LlavaImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
+                                crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                                do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=False),
+    "SiglipImageProcessor": dict(resample=3, do_resize=True, size={"height": 224, "width": 224}, do_rescale=True,
+                                 rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
+    "LlavaNextImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
+                                    crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                                    do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=True,
+                                    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+    "Idefics3ImageProcessor": dict(resample=1, do_resize=True, size={"longest_edge": 4 * 364}, do_rescale=True,
+                                   rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5,) * 3,
+                                   image_std=(0.5,) * 3, do_pad=True, do_image_splitting=True,
+                                   max_image_size={"longest_edge": 364}),
+}  # fmt: skip
+
+
+def preprocess_single(image: Image.Image, config: ImageConfig) -> np.ndarray:
+    """CLIP, SigLIP and LLaVA-1.5: one RGB image -> float32 (3, H, W)."""
+    return preprocess_pixels(to_array(image), config)
+
+
+def preprocess_pixels(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
+    """uint8 (3, H, W) -> float32 (3, H', W'): pad to square, resize, crop, rescale, normalise, as configured."""
+    if config.pad_to_square:
+        pixels = pad_to_square(pixels, tuple(int(m * 255) for m in config.image_mean))
+    if config.do_resize:
+        size = config.size_dict
+        if "shortest_edge" in size:
+            height, width = shortest_edge_size(pixels.shape[1], pixels.shape[2], size["shortest_edge"])
+        else:
+            height, width = size["height"], size["width"]
+        pixels = resize(pixels, height, width, config.resample)
+    if config.do_center_crop:
+        pixels = center_crop(pixels, *config.crop_size)
+    return rescale_normalize(pixels, config)
