@@ -215,6 +215,39 @@ def bench_vlm(args: argparse.Namespace) -> None:
     print(f"max |logit diff| / max |logit|: {((a - b).abs().max() / b.abs().max()).item():.1e}")
 
 
+def bench_tokenizer(args: argparse.Namespace) -> None:
+    """Encode a large text with minivlm's BPE tokenizer and transformers' fast tokenizer, same files."""
+    transformers = _transformers()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .processing.tokenizer import load_tokenizer
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama-3's  # fmt: skip
+    rng = __import__("random").Random(0)
+    words = ["the", "model", "image", "token", "vision", "language", "attention", "layer", "patch", "résumé",
+             "中文", "处理", "😀", "def", "return", "x", "=", "(", ")", ",", ".", "\n", "2024", "3.14"]  # fmt: skip
+    text = " ".join(rng.choice(words) for _ in range(args.words))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)],
+                            trainers.BpeTrainer(vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp)
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp)
+        ours = load_tokenizer(Path(tmp))
+    assert ours.encode(text) == theirs(text)["input_ids"], "the two tokenizers disagree"
+    mib = len(text.encode()) / 2**20
+    print(f"encode {mib:.1f} MiB of text ({len(ours.encode(text))} tokens), Llama-3 pattern, 4000-token vocabulary")
+    t_ours = time_call(lambda: ours.encode(text), args.repeats, "cpu")
+    t_theirs = time_call(lambda: theirs(text)["input_ids"], args.repeats, "cpu")
+    print(f"{'minivlm (tiktoken)':<34}{t_ours:>8.3f} s{mib / t_ours:>9.1f} MiB/s")
+    print(f"{'transformers (tokenizers, fast)':<34}{t_theirs:>8.3f} s{mib / t_theirs:>9.1f} MiB/s")
+    print(f"speed-up {t_theirs / t_ours:.2f}x")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against transformers in the same run")
     which = p.add_subparsers(dest="target", required=True)
@@ -234,3 +267,7 @@ def add_parser(sub) -> None:
     vlm.add_argument("--text-tokens", type=int, default=32)
     vlm.add_argument("--repeats", type=int, default=5)
     vlm.set_defaults(run=bench_vlm)
+    tok = which.add_parser("tokenizer", help="BPE encode speed against transformers' fast tokenizer")
+    tok.add_argument("--words", type=int, default=1_000_000)
+    tok.add_argument("--repeats", type=int, default=3)
+    tok.set_defaults(run=bench_tokenizer)

@@ -18,3 +18,12 @@ def test_bench_loader_runs_and_agrees_with_transformers():
         assert row in out.stdout
     diffs = [float(d) for d in re.findall(r"max \|logit diff\| (\S+)", out.stdout)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out.stdout
+
+
+def test_bench_tokenizer_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "minivlm", "bench", "tokenizer", "--words", "3000", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "minivlm (tiktoken)" in out.stdout and "speed-up" in out.stdout
