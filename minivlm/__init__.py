@@ -4,8 +4,9 @@ The public surface is what this module exports; everything else is internal.
 """
 
 from .config import ConfigError
-from .load import load_model
+from .load import load_model, load_processor
+from .processing.processor import ProcessorError
 from .weights import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "CheckpointError", "ConfigError", "__version__"]
+__all__ = ["load_model", "load_processor", "CheckpointError", "ConfigError", "ProcessorError", "__version__"]

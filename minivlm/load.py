@@ -12,6 +12,8 @@ from torch import nn
 from .config import ConfigError, TextConfig, VLMConfig, read_config
 from .decoder import DecoderLM
 from .hub import resolve_checkpoint
+from .processing.processor import Processor, ProcessorError
+from .processing.tokenizer import TokenizerError
 from .vlm import VLM, Idefics3, LlavaNext
 from .weights import IDEFICS3_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
 
@@ -73,3 +75,11 @@ def load_model(
     config = family.config(raw, source)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     return load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))
+
+
+def load_processor(path_or_id: str | os.PathLike) -> Processor:
+    """The processor of a checkpoint folder (or hub id): its tokenizer, chat template and image settings."""
+    try:
+        return Processor.load(resolve_checkpoint(path_or_id))
+    except TokenizerError as e:
+        raise ProcessorError(str(e)) from None

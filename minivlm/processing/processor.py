@@ -1,0 +1,210 @@
+"""The processor: chat messages and images in, the model's inputs out, as transformers' processors
+produce them (same keys, same values): the prompt with each image token expanded to the number of
+features its image gives, tokenized and padded, and the pixels of every image.
+
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image])   # input_ids, attention_mask, pixel_values, ...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .chat import ChatTemplateError, find_chat_template, render
+from .image import ImageConfig, load_image, preprocess_single
+from .tiling import anyres_tiles, anyres_token_count, idefics3_tiles
+from .tokenizer import BPETokenizer, TokenizerError, load_tokenizer
+
+# processor_class (or config.json's model_type) -> how images become tokens
+FAMILIES = {"LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "Idefics3Processor": "idefics3",
+            "llava": "llava", "llava_next": "llava_next", "idefics3": "idefics3"}  # fmt: skip
+
+
+class ProcessorError(ValueError):
+    """Inputs the processor cannot turn into model inputs; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """processor_config.json: how many tokens an image becomes."""
+
+    image_token: str = "<image>"
+    patch_size: int = 14
+    num_additional_image_tokens: int = 0  # LLaVA: the CLS position the tower adds
+    drop_cls: bool = True  # vision_feature_select_strategy "default"
+    image_seq_len: int = 169  # Idefics3: tokens per tile
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProcessorError(f"{path}: not valid JSON ({e})") from None
+
+
+class Processor:
+    def __init__(self, tokenizer: BPETokenizer, tokenizer_config: dict, chat_template: str | None,
+                 family: str | None, image_config: ImageConfig | None, tokens: ImageTokens):  # fmt: skip
+        self.tokenizer, self.chat_template, self.family = tokenizer, chat_template, family
+        self.image_config, self.tokens = image_config, tokens
+        self.special_tokens = {
+            name: (v["content"] if isinstance(v, dict) else v)
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (v := tokenizer_config.get(name)) is not None
+        }
+        self.padding_side = tokenizer_config.get("padding_side", "right")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Processor":
+        folder = Path(folder)
+        tokenizer = load_tokenizer(folder)
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        settings = _read_json(folder / "processor_config.json")
+        kind = settings.get("processor_class") or _read_json(folder / "config.json").get("model_type")
+        family = FAMILIES.get(kind)
+        image_config = None
+        if family is not None:
+            # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
+            image_d = settings.get("image_processor") or _read_json(folder / "preprocessor_config.json")
+            if not image_d:
+                raise ProcessorError(f"{folder}: a {kind} checkpoint without preprocessor_config.json")
+            image_config = ImageConfig.from_hf(image_d, str(folder / "preprocessor_config.json"))
+        tokens = ImageTokens(
+            image_token=settings.get("image_token", "<image>"),
+            patch_size=int(settings.get("patch_size") or 14),
+            num_additional_image_tokens=int(settings.get("num_additional_image_tokens") or 0),
+            drop_cls=settings.get("vision_feature_select_strategy", "default") == "default",
+            image_seq_len=int(settings.get("image_seq_len") or 169),
+        )
+        if family is not None and tokens.image_token not in tokenizer.token_to_id:
+            raise ProcessorError(f"{folder}: the tokenizer has no {tokens.image_token!r} token")
+        return cls(tokenizer, tokenizer_config, find_chat_template(folder), family, image_config, tokens)
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+        if self.chat_template is None:
+            raise ChatTemplateError("this checkpoint ships no chat template (chat_template.jinja/.json or tokenizer_config.json)")
+        return render(self.chat_template, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+    # -- text and images -> model inputs -------------------------------------------------------
+
+    def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding_side: str | None = None,
+                 add_special_tokens: bool = True) -> dict:  # fmt: skip
+        """text: a prompt or a list of prompts; images: the images of all prompts, in order (paths,
+        PIL images, arrays). Returns input_ids and attention_mask, and the family's pixel inputs."""
+        if text is None:
+            raise ProcessorError("no text: pass the prompt (with one image token per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+        images = [img for group in images for img in (group if isinstance(group, (list, tuple)) else [group])]
+        token = self.tokens.image_token
+        per_text = [t.count(token) for t in texts]
+        if self.family is None and images:
+            raise ProcessorError("this checkpoint is text-only; it takes no images")
+        if self.family is not None and sum(per_text) != len(images):
+            raise ProcessorError(
+                f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(per_text)} {token} tokens "
+                f"({', '.join(map(str, per_text))}) but {len(images)} images were given; give one image per {token}"
+            )
+        pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
+        out, replacements = self._images(pil, per_text)
+
+        expanded, k = [], 0
+        for t in texts:
+            pieces = t.split(token)
+            for i in range(1, len(pieces)):
+                pieces[i] = replacements[k] + pieces[i]
+                k += 1
+            expanded.append("".join(pieces))
+        ids = [self.tokenizer.encode(t, add_special_tokens) for t in expanded]
+        out = {**self._pad(ids, padding_side or self.padding_side), **out}
+        if return_tensors == "pt":
+            return {key: torch.as_tensor(np.asarray(v)) for key, v in out.items()}
+        if return_tensors is None:
+            return out
+        raise ProcessorError(f"return_tensors {return_tensors!r}: expected 'pt' or None")
+
+    def _pad(self, ids: list[list[int]], side: str) -> dict:
+        width = max(len(row) for row in ids)
+        if all(len(row) == width for row in ids):
+            return {"input_ids": ids, "attention_mask": [[1] * width for _ in ids]}
+        pad = self.special_tokens.get("pad_token")
+        if pad is None:
+            raise ProcessorError("prompts of different lengths need padding, and this tokenizer has no pad_token")
+        pad_id = self.tokenizer.token_to_id[pad]
+        input_ids, mask = [], []
+        for row in ids:
+            fill = width - len(row)
+            input_ids.append(([pad_id] * fill + row) if side == "left" else (row + [pad_id] * fill))
+            mask.append(([0] * fill + [1] * len(row)) if side == "left" else ([1] * len(row) + [0] * fill))
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
+        """The family's pixel inputs, and the text each image token becomes."""
+        if not images:
+            return {}, []
+        config, tokens = self.image_config, self.tokens
+        if self.family == "llava":
+            pixels = np.stack([preprocess_single(img, config) for img in images])
+            n = (pixels.shape[2] // tokens.patch_size) * (pixels.shape[3] // tokens.patch_size)
+            n += tokens.num_additional_image_tokens - (1 if tokens.drop_cls else 0)
+            return {"pixel_values": pixels}, [tokens.image_token * n] * len(images)
+        if self.family == "llava_next":
+            tiled = [anyres_tiles(img, config) for img in images]
+            most = max(len(t) for t, _ in tiled)
+            pixels = np.zeros((len(tiled), most, *tiled[0][0].shape[1:]), dtype=np.float32)
+            for i, (t, _) in enumerate(tiled):
+                pixels[i, : len(t)] = t
+            tile = tiled[0][0].shape[-1]
+            counts = [
+                anyres_token_count(h, w, config.image_grid_pinpoints, tile, tile // tokens.patch_size)
+                + tokens.num_additional_image_tokens - (1 if tokens.drop_cls else 0)
+                for _, (h, w) in tiled
+            ]  # fmt: skip
+            sizes = [list(size) for _, size in tiled]
+            return {"pixel_values": pixels, "image_sizes": sizes}, [tokens.image_token * n for n in counts]
+        return self._idefics3(images, per_text)
+
+    def _idefics3(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
+        tokens = self.tokens
+        tiled = [idefics3_tiles(img, self.image_config) for img in images]
+        groups, start = [], 0  # the tiles of each prompt, its images in order
+        for n in per_text:
+            groups.append([t for tiles, _, _ in tiled[start : start + n] for t in tiles])
+            start += n
+        most = max(len(g) for g in groups)
+        height = max(t.shape[1] for g in groups for t in g)
+        width = max(t.shape[2] for g in groups for t in g)
+        pixels = np.zeros((len(groups), most, 3, height, width), dtype=np.float32)
+        mask = np.zeros((len(groups), most, height, width), dtype=np.int64)
+        for b, group in enumerate(groups):
+            for i, t in enumerate(group):
+                pixels[b, i, :, : t.shape[1], : t.shape[2]] = t
+                mask[b, i, : t.shape[1], : t.shape[2]] = 1
+        image, fake, glob = tokens.image_token, "<fake_token_around_image>", "<global-img>"
+        run = image * tokens.image_seq_len
+        replacements = []
+        for _, rows, cols in tiled:
+            if rows == 0 and cols == 0:
+                replacements.append(f"{fake}{glob}{run}{fake}")
+                continue
+            grid = "".join(
+                "".join(f"{fake}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n" for r in range(rows)
+            )
+            replacements.append(f"{grid}\n{fake}{glob}{run}{fake}")
+        return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements

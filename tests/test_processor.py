@@ -1,0 +1,97 @@
+"""The whole processor against transformers' processors: the same checkpoint files (tokenizer,
+image settings, processor settings, chat template) give the same input_ids, attention_mask and
+pixel inputs, for one image, several, none, and a padded batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from test_tokenizer import build
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+import minivlm
+from minivlm import ProcessorError
+
+CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
+            "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
+FAMILIES = {
+    "llava15": lambda tok: transformers.LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TEMPLATE),
+    "clip_full": lambda tok: transformers.LlavaProcessor(  # CLS kept: 577 tokens, the count terms do not cancel
+        image_processor=CLIPImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
+        vision_feature_select_strategy="full", num_additional_image_tokens=1, chat_template=TEMPLATE),
+    "interleave": lambda tok: transformers.LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer=tok, patch_size=14,
+        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=TEMPLATE),
+    "next": lambda tok: transformers.LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TEMPLATE),
+    "idefics3": lambda tok: transformers.Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 728}), tokenizer=tok, image_seq_len=169,
+        chat_template=TEMPLATE),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def processors(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    build("smollm2" if request.param == "idefics3" else "qwen2", folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = "<|endoftext|>"
+    FAMILIES[request.param](tok).save_pretrained(folder)
+    return transformers.AutoProcessor.from_pretrained(folder), minivlm.load_processor(folder)
+
+
+def image(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+CASES = {
+    "one": (["<image>\nWhat is this? 😀"], [(300, 500)]),
+    "two": (["Compare <image> and <image>: which is brighter?"], [(333, 333), (100, 700)]),
+    "none": (["Just text, no image."], []),
+    "batch": (["<image> left", "a longer prompt with two images <image> here <image> there"], [(500, 200), (50, 60), (400, 401)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_inputs_equal_transformers(processors, case):
+    hf, ours = processors
+    texts, sizes = CASES[case]
+    images = [image(h, w, i) for i, (h, w) in enumerate(sizes)]
+    text = texts if len(texts) > 1 else texts[0]
+    theirs = hf(text=text, images=images or None, return_tensors="pt", padding=True)
+    mine = ours(text=text, images=images)
+    assert set(mine) == set(theirs) - {"mm_token_type_ids"}
+    for key in mine:
+        assert mine[key].shape == theirs[key].shape, key
+        assert torch.equal(mine[key], theirs[key].to(mine[key].dtype)), key
+    assert mine["pixel_values"].dtype == torch.float32 if images else True
+
+
+def test_chat_template_and_decode(processors):
+    hf, ours = processors
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True) == hf.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+    ids = hf(text="hello <|im_end|> world", return_tensors="pt")["input_ids"][0]
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_image_count_must_match_the_prompt(processors):
+    _, ours = processors
+    with pytest.raises(ProcessorError, match=r"the prompt has 2 <image> tokens \(2\) but 1 images were given"):
+        ours(text="<image> and <image>", images=[image(30, 30, 0)])
+    with pytest.raises(ProcessorError, match=r"the prompts have 1 <image> tokens \(1, 0\) but 0 images were given"):
+        ours(text=["<image>", "none"])
