@@ -8,10 +8,11 @@ never mutated afterwards.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from .processing.files import read_json
 
 
 class ConfigError(ValueError):
@@ -371,10 +372,4 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the checkpoint folder {folder}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return d
+    return read_json(path, ConfigError)

@@ -125,3 +125,6 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(TokenizerError, match=r"model type 'Unigram'; BPETokenizer reads byte-level BPE"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True, "vocab": {}}}))
+    with pytest.raises(TokenizerError, match=r"a SentencePiece-style tokenizer .* byte-level BPE only so far"):
+        load_tokenizer(tmp_path)

@@ -17,6 +17,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .files import read_json
+
 
 class ChatTemplateError(ValueError):
     """No template, or one that fails to render; the message names the file or the template's own error."""
@@ -124,13 +126,7 @@ def find_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ChatTemplateError(f"{path}: not a valid JSON object ({e})") from None
+        template = read_json(folder / name, ChatTemplateError).get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default")

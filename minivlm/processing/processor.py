@@ -8,7 +8,6 @@ features its image gives, tokenized and padded, and the pixels of every image.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .chat import ChatTemplateError, find_chat_template, render
+from .files import read_json
 from .image import ImageConfig, load_image, preprocess_single
 from .tiling import anyres_tiles, anyres_token_count, idefics3_tiles
 from .tokenizer import BPETokenizer, TokenizerError, load_tokenizer
@@ -41,15 +41,6 @@ class ImageTokens:
     image_seq_len: int = 169  # Idefics3: tokens per tile
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProcessorError(f"{path}: not valid JSON ({e})") from None
-
-
 class Processor:
     def __init__(self, tokenizer: BPETokenizer, tokenizer_config: dict, chat_template: str | None,
                  family: str | None, image_config: ImageConfig | None, tokens: ImageTokens):  # fmt: skip
@@ -66,14 +57,14 @@ class Processor:
     def load(cls, folder: Path) -> "Processor":
         folder = Path(folder)
         tokenizer = load_tokenizer(folder)
-        tokenizer_config = _read_json(folder / "tokenizer_config.json")
-        settings = _read_json(folder / "processor_config.json")
-        kind = settings.get("processor_class") or _read_json(folder / "config.json").get("model_type")
+        tokenizer_config = read_json(folder / "tokenizer_config.json", ProcessorError)
+        settings = read_json(folder / "processor_config.json", ProcessorError)
+        kind = settings.get("processor_class") or read_json(folder / "config.json", ProcessorError).get("model_type")
         family = FAMILIES.get(kind)
         image_config = None
         if family is not None:
             # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
-            image_d = settings.get("image_processor") or _read_json(folder / "preprocessor_config.json")
+            image_d = settings.get("image_processor") or read_json(folder / "preprocessor_config.json", ProcessorError)
             if not image_d:
                 raise ProcessorError(f"{folder}: a {kind} checkpoint without preprocessor_config.json")
             image_config = ImageConfig.from_hf(image_d, str(folder / "preprocessor_config.json"))

@@ -18,6 +18,8 @@ from typing import Any
 
 import tiktoken
 
+from .files import read_json
+
 # GPT-2's pre-tokenizer pattern: what a ByteLevel pre-tokenizer with use_regex=true applies.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -57,6 +59,11 @@ class BPETokenizer:
         model = spec.get("model") or {}
         if model.get("type") != "BPE":
             raise TokenizerError(f"{source}: model type {model.get('type')!r}; BPETokenizer reads byte-level BPE")
+        if model.get("byte_fallback") or "Metaspace" in json.dumps(spec.get("pre_tokenizer")):
+            raise TokenizerError(
+                f"{source}: a SentencePiece-style tokenizer (byte fallback, '▁' for spaces), as Llama-2 and "
+                "Mistral use; minivlm reads byte-level BPE only so far"
+            )
         self.added = {
             t["id"]: AddedToken(t["id"], t["content"], bool(t.get("special")), bool(t.get("lstrip")), bool(t.get("rstrip")))
             for t in spec.get("added_tokens") or []
@@ -271,10 +278,6 @@ def load_tokenizer(folder: Path) -> BPETokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"{folder}: no tokenizer.json (SentencePiece tokenizer.model support is not written yet)")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    spec = read_json(path, TokenizerError)
+    config = read_json(folder / "tokenizer_config.json", TokenizerError)
     return BPETokenizer(spec, config, str(path))
