@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from .chat import ChatTemplateError, find_chat_template, render
 from .files import read_json
 from .image import ImageConfig, load_image, preprocess_single
 from .tiling import anyres_tiles, anyres_token_count, idefics3_tiles
-from .tokenizer import BPETokenizer, TokenizerError, load_tokenizer
+from .tokenizer import BPETokenizer, load_tokenizer
 
 # processor_class (or config.json's model_type) -> how images become tokens
 FAMILIES = {"LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "Idefics3Processor": "idefics3",
