@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,14 +87,21 @@ def measure_load(which: str, folder: Path, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_forward(model, ids: torch.Tensor, repeats: int) -> float:
-    """Best wall time of `repeats` forward passes after one warm-up (best: least disturbed by the OS)."""
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, repeats: int, device: str) -> float:
+    """Best wall time of `repeats` calls after one warm-up (best: least disturbed by the OS)."""
     best = float("inf")
     with torch.inference_mode():
-        model(ids)
+        fn()
+        _sync(device)
         for _ in range(repeats):
             start = time.perf_counter()
-            model(ids)
+            fn()
+            _sync(device)
             best = min(best, time.perf_counter() - start)
     return best
 
@@ -122,11 +130,11 @@ def bench_loader(args: argparse.Namespace) -> None:
         ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
         ours = minivlm.load_model(folder)
         print(f"{'forward, 1 x ' + str(args.seq) + ' tokens, fp32':<28}{'seconds':>10}{'time/ours':>10}")
-        t_ours = time_forward(ours, ids, args.repeats)
+        t_ours = time_call(partial(ours, ids), args.repeats, "cpu")
         print(f"{'minivlm':<28}{t_ours:>10.3f}{1.0:>10.2f}")
         for impl in ("eager", "sdpa"):
             ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
-            t_ref = time_forward(ref, ids, args.repeats)
+            t_ref = time_call(partial(ref, ids), args.repeats, "cpu")
             print(f"{'transformers ' + impl:<28}{t_ref:>10.3f}{t_ref / t_ours:>10.2f}")
             with torch.inference_mode():
                 diff = (ours(ids) - ref(ids).logits).abs().max().item()
@@ -149,25 +157,6 @@ VLM_PRESETS = {
                   num_attention_heads=8, num_key_value_heads=8),
     ),
 }  # fmt: skip
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(fn, repeats: int, device: str) -> float:
-    """Best wall time of `repeats` calls after one warm-up."""
-    best = float("inf")
-    with torch.inference_mode():
-        fn()
-        _sync(device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_vlm(args: argparse.Namespace) -> None:
