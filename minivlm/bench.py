@@ -204,8 +204,17 @@ def bench_vlm(args: argparse.Namespace) -> None:
     print(f"max |logit diff| / max |logit|: {((a - b).abs().max() / b.abs().max()).item():.1e}")
 
 
+def _bench_text(words: int) -> str:
+    rng = __import__("random").Random(0)
+    vocab = ["the", "model", "image", "token", "vision", "language", "attention", "layer", "patch", "résumé",
+             "中文", "处理", "😀", "def", "return", "x", "=", "(", ")", ",", ".", "\n", "2024", "3.14"]  # fmt: skip
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
 def bench_tokenizer(args: argparse.Namespace) -> None:
-    """Encode a large text with minivlm's BPE tokenizer and transformers' fast tokenizer, same files."""
+    """Encode text with minivlm's tokenizer and transformers' fast tokenizer, from the same files."""
+    if args.kind == "sentencepiece":
+        return _bench_sentencepiece(args)
     transformers = _transformers()
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -213,10 +222,7 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
 
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama-3's  # fmt: skip
-    rng = __import__("random").Random(0)
-    words = ["the", "model", "image", "token", "vision", "language", "attention", "layer", "patch", "résumé",
-             "中文", "处理", "😀", "def", "return", "x", "=", "(", ")", ",", ".", "\n", "2024", "3.14"]  # fmt: skip
-    text = " ".join(rng.choice(words) for _ in range(args.words))
+    text = _bench_text(args.words)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
@@ -227,12 +233,47 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
         transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp)
         theirs = transformers.AutoTokenizer.from_pretrained(tmp)
         ours = load_tokenizer(Path(tmp))
-    assert ours.encode(text) == theirs(text)["input_ids"], "the two tokenizers disagree"
-    mib = len(text.encode()) / 2**20
-    print(f"encode {mib:.1f} MiB of text ({len(ours.encode(text))} tokens), Llama-3 pattern, 4000-token vocabulary")
-    t_ours = time_call(lambda: ours.encode(text), args.repeats, "cpu")
-    t_theirs = time_call(lambda: theirs(text)["input_ids"], args.repeats, "cpu")
-    print(f"{'minivlm (tiktoken)':<34}{t_ours:>8.3f} s{mib / t_ours:>9.1f} MiB/s")
+    print(f"Llama-3 pattern, 4000-token vocabulary, one text of {args.words} words")
+    _time_encode(ours, theirs, [text], args.repeats, "minivlm (tiktoken)")
+
+
+def _bench_sentencepiece(args: argparse.Namespace) -> None:
+    """LlamaTokenizer's pipeline on a SentencePiece BPE model trained here (sentencepiece, a test
+    dependency), over prompts of 200 words: a SentencePiece segment is one BPE word, so prompt-sized
+    texts are what both are built for."""
+    import io
+
+    import sentencepiece
+
+    transformers = _transformers()
+    from .processing.tokenizer import load_tokenizer
+
+    text = _bench_text(args.words)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n")[:20000]), model_writer=model, vocab_size=4000, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    words = text.split(" ")
+    prompts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
+        (Path(tmp) / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true}')
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp)
+        ours = load_tokenizer(Path(tmp))
+    print(f"SentencePiece BPE with byte fallback, {len(ours.pieces)} pieces, {len(prompts)} prompts of 200 words")
+    _time_encode(ours, theirs, prompts, args.repeats, "minivlm (Python BPE)")
+
+
+def _time_encode(ours, theirs, texts: list[str], repeats: int, label: str) -> None:
+    assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts], "the two tokenizers disagree"
+    mib = sum(len(t.encode()) for t in texts) / 2**20
+    tokens = sum(len(ours.encode(t)) for t in texts)
+    print(f"encode {mib:.1f} MiB of text ({tokens} tokens)")
+    t_ours = time_call(lambda: [ours.encode(t) for t in texts], repeats, "cpu")
+    t_theirs = time_call(lambda: [theirs(t)["input_ids"] for t in texts], repeats, "cpu")
+    print(f"{label:<34}{t_ours:>8.3f} s{mib / t_ours:>9.1f} MiB/s")
     print(f"{'transformers (tokenizers, fast)':<34}{t_theirs:>8.3f} s{mib / t_theirs:>9.1f} MiB/s")
     print(f"speed-up {t_theirs / t_ours:.2f}x")
 
@@ -256,7 +297,8 @@ def add_parser(sub) -> None:
     vlm.add_argument("--text-tokens", type=int, default=32)
     vlm.add_argument("--repeats", type=int, default=5)
     vlm.set_defaults(run=bench_vlm)
-    tok = which.add_parser("tokenizer", help="BPE encode speed against transformers' fast tokenizer")
+    tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
+    tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=int, default=1_000_000)
     tok.add_argument("--repeats", type=int, default=3)
     tok.set_defaults(run=bench_tokenizer)

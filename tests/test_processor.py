@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from test_sentencepiece import build_llava15
 from test_tokenizer import build
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -17,6 +18,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 import minivlm
 from minivlm import ProcessorError
+from minivlm.processing.image import ImageError
 
 CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
@@ -44,9 +46,12 @@ FAMILIES = {
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def processors(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    build("smollm2" if request.param == "idefics3" else "qwen2", folder)
+    if request.param == "llava15":
+        build_llava15(folder)  # SentencePiece, as LLaVA-1.5's Vicuna tokenizer
+    else:
+        build("smollm2" if request.param == "idefics3" else "qwen2", folder)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    tok.pad_token = "<|endoftext|>"
+    tok.pad_token = tok.pad_token or "<|endoftext|>"
     FAMILIES[request.param](tok).save_pretrained(folder)
     return transformers.AutoProcessor.from_pretrained(folder), minivlm.load_processor(folder)
 
@@ -95,3 +100,31 @@ def test_image_count_must_match_the_prompt(processors):
         ours(text="<image> and <image>", images=[image(30, 30, 0)])
     with pytest.raises(ProcessorError, match=r"the prompts have 1 <image> tokens \(1, 0\) but 0 images were given"):
         ours(text=["<image>", "none"])
+
+
+def test_video_is_its_frames(processors, tmp_path):
+    """LLaVA-Interleave's video recipe: <video> becomes one image token per frame and the frames
+    join the images where it stands. The reference is transformers given the expanded prompt."""
+    hf, ours = processors
+    if ours.family != "llava":
+        with pytest.raises(ProcessorError, match=r"videos are read by LLaVA-Interleave \(llava\) checkpoints"):
+            ours(text="<video>", videos=[[image(20, 20, 0)]])
+        return
+    frames = [image(90 + i, 120, 10 + i) for i in range(4)]
+    for i, frame in enumerate(frames):
+        frame.save(tmp_path / f"{i:03d}.png")
+    photo = image(200, 300, 3)
+    mine = ours(text="A photo <image> and a clip <video> what happens?", images=[photo], videos=[tmp_path])
+    theirs = hf(text="A photo <image> and a clip " + "<image>" * 4 + " what happens?", images=[photo, *frames],
+                return_tensors="pt")  # fmt: skip
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key].to(mine[key].dtype)), key
+    with pytest.raises(ProcessorError, match=r"the prompt has 2 <video> tokens \(2\) but 1 videos were given"):
+        ours(text="<video><video>", videos=[frames])
+    with pytest.raises(ProcessorError, match=r"the prompt has 2 <image> tokens \(2\) but 1 images were given"):
+        ours(text="<image><video>", images=[], videos=[frames[:1]])
+    with pytest.raises(ImageError, match=r"missing: not a folder of video frames"):
+        ours(text="<video>", videos=[tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match=r"empty: no frame images in it"):
+        ours(text="<video>", videos=[tmp_path / "empty"])

@@ -63,6 +63,24 @@ def load_image(source: Any, name: str | None = None) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image), name)
 
 
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_video_frames(folder: str | os.PathLike, max_frames: int | None = None) -> list[Image.Image]:
+    """A video given as a folder of frame images (sorted by name), as LLaVA-Interleave reads one;
+    with `max_frames`, that many frames sampled evenly, first and last included. Decoding a video
+    file is left to the user's tool of choice (ffmpeg -i clip.mp4 -vf fps=1 frames/%04d.png)."""
+    if not os.path.isdir(folder):
+        raise ImageError(f"{os.fspath(folder)}: not a folder of video frames")
+    paths = sorted(p for p in os.listdir(folder) if p.lower().endswith(FRAME_SUFFIXES))
+    if not paths:
+        raise ImageError(f"{os.fspath(folder)}: no frame images in it (expected {', '.join(FRAME_SUFFIXES)} files)")
+    if max_frames is not None and 0 < max_frames < len(paths):
+        step = (len(paths) - 1) / max(max_frames - 1, 1)
+        paths = [paths[round(i * step)] for i in range(max_frames)]
+    return [load_image(os.path.join(folder, p)) for p in paths]
+
+
 def _checked_size(image: Image.Image, name: str) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{name}: the image is empty ({image.width}x{image.height})")

@@ -8,6 +8,7 @@ features its image gives, tokenized and padded, and the pixels of every image.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,16 @@ import torch
 
 from .chat import ChatTemplateError, find_chat_template, render
 from .files import read_json
-from .image import ImageConfig, load_image, preprocess_single
+from .image import ImageConfig, load_image, load_video_frames, preprocess_single
 from .tiling import anyres_tiles, anyres_token_count, idefics3_tiles
-from .tokenizer import BPETokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 # processor_class (or config.json's model_type) -> how images become tokens
 FAMILIES = {"LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "Idefics3Processor": "idefics3",
             "llava": "llava", "llava_next": "llava_next", "idefics3": "idefics3"}  # fmt: skip
+
+
+VIDEO_TOKEN = "<video>"  # stands for a video's frames in a LLaVA-Interleave prompt
 
 
 class ProcessorError(ValueError):
@@ -41,7 +45,7 @@ class ImageTokens:
 
 
 class Processor:
-    def __init__(self, tokenizer: BPETokenizer, tokenizer_config: dict, chat_template: str | None,
+    def __init__(self, tokenizer: Tokenizer, tokenizer_config: dict, chat_template: str | None,
                  family: str | None, image_config: ImageConfig | None, tokens: ImageTokens):  # fmt: skip
         self.tokenizer, self.chat_template, self.family = tokenizer, chat_template, family
         self.image_config, self.tokens = image_config, tokens
@@ -50,7 +54,7 @@ class Processor:
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (v := tokenizer_config.get(name)) is not None
         }
-        self.padding_side = tokenizer_config.get("padding_side", "right")
+        self.padding_side = tokenizer_config.get("padding_side", tokenizer.padding_side)
 
     @classmethod
     def load(cls, folder: Path) -> "Processor":
@@ -93,15 +97,18 @@ class Processor:
 
     # -- text and images -> model inputs -------------------------------------------------------
 
-    def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding_side: str | None = None,
-                 add_special_tokens: bool = True) -> dict:  # fmt: skip
+    def __call__(self, text=None, images=None, videos=None, return_tensors: str | None = "pt",
+                 padding_side: str | None = None, add_special_tokens: bool = True) -> dict:  # fmt: skip
         """text: a prompt or a list of prompts; images: the images of all prompts, in order (paths,
-        PIL images, arrays). Returns input_ids and attention_mask, and the family's pixel inputs."""
+        PIL images, arrays); videos: one per <video> in the prompts, each a list of frames or a
+        folder of frame images. Returns input_ids and attention_mask, and the family's pixel inputs."""
         if text is None:
             raise ProcessorError("no text: pass the prompt (with one image token per image)")
         texts = [text] if isinstance(text, str) else list(text)
         images = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
         images = [img for group in images for img in (group if isinstance(group, (list, tuple)) else [group])]
+        if videos:
+            texts, images = self._expand_videos(texts, images, list(videos))
         token = self.tokens.image_token
         per_text = [t.count(token) for t in texts]
         if self.family is None and images:
@@ -128,6 +135,37 @@ class Processor:
         if return_tensors is None:
             return out
         raise ProcessorError(f"return_tensors {return_tensors!r}: expected 'pt' or None")
+
+    def _expand_videos(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list]:
+        """LLaVA-Interleave reads a video as its frames, one image each (the recipe of the model's
+        authors): every <video> becomes one image token per frame of its video, and the frames
+        join the images at the place the <video> stands."""
+        if self.family != "llava":
+            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is {self.family}")
+        token = self.tokens.image_token
+        counts = [t.count(VIDEO_TOKEN) for t in texts]
+        if sum(counts) != len(videos):
+            raise ProcessorError(
+                f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(counts)} {VIDEO_TOKEN} tokens ({', '.join(map(str, counts))}) but "
+                f"{len(videos)} videos were given; give one video per {VIDEO_TOKEN}"
+            )
+        frames = [load_video_frames(v) if isinstance(v, (str, Path)) else list(v) for v in videos]
+        if not all(frames):
+            raise ProcessorError(f"video {[len(f) for f in frames].index(0)} has no frames")
+        split = re.compile(f"({re.escape(token)}|{re.escape(VIDEO_TOKEN)})")
+        out_texts, out_images, next_image, next_video = [], [], iter(images), iter(frames)
+        for t in texts:
+            pieces = split.split(t)
+            for i, piece in enumerate(pieces):
+                if piece == VIDEO_TOKEN:
+                    video = next(next_video)
+                    pieces[i] = token * len(video)
+                    out_images.extend(video)
+                elif piece == token:
+                    out_images.append(next(next_image, None))  # None: fewer images than tokens, refused below
+            out_texts.append("".join(pieces))
+        out_images.extend(next_image)  # more images than tokens: the count check below names it
+        return out_texts, [img for img in out_images if img is not None]
 
     def _pad(self, ids: list[list[int]], side: str) -> dict:
         width = max(len(row) for row in ids)
