@@ -42,6 +42,17 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
 
+    def reserve(self, max_len: int) -> None:
+        """Make room for max_len slots, keeping what is filled (a chat's next turn)."""
+        if max_len <= self.max_len:
+            return
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = new
+        self.max_len = max_len
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, kv_heads, new, head_dim) at the next slots; return all filled slots."""
         start, end = self.length, self.length + k.shape[2]

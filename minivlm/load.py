@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ConfigError, TextConfig, VLMConfig, read_config
 from .decoder import DecoderLM
+from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
 from .processing.processor import Processor, ProcessorError
 from .processing.tokenizer import TokenizerError
@@ -74,7 +75,9 @@ def load_model(
     family = FAMILIES[model_type]
     config = family.config(raw, source)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
-    return load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))
+    model = load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))
+    model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
+    return model
 
 
 def load_processor(path_or_id: str | os.PathLike) -> Processor:

@@ -1,0 +1,350 @@
+"""Generation: a prefill of the prompt (images included), then one token at a time against the KV
+cache, each row of a batch stopping on its own.
+
+    new_ids = minivlm.generate(model, **inputs, max_new_tokens=64)        # (batch, new) token ids
+    for piece in minivlm.stream(model, processor, **inputs):               # text as it is decoded
+        print(piece, end="", flush=True)
+
+Sampling follows transformers' definitions and order: repetition penalty on the raw logits, then
+temperature, top-k, top-p; temperature 0 is greedy. A finished row is fed padding (its output is
+padded with pad_token_id, as transformers pads it) until every row is done, so a left-padded
+batch gives each row exactly the tokens it gets alone.
+
+The loop keeps tokens on the device: the host waits on it once per step only to ask whether
+every row is done (and to read the token where streaming or a stop string needs the text).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .decoder import KVCache
+from .processing.tokenizer import StreamDecoder, Tokenizer
+
+
+class GenerationError(ValueError):
+    """Generation arguments that cannot work; the message says which and what was expected."""
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a checkpoint says about generation: generation_config.json, else config.json."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    max_positions: int | None = None  # the decoder's context length
+
+    @classmethod
+    def read(cls, folder: Path, text_config) -> "GenerationDefaults":
+        path = Path(folder) / "generation_config.json"
+        d = {}
+        if path.is_file():
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise GenerationError(f"{path}: not valid JSON ({e})") from None
+        eos = d.get("eos_token_id", list(text_config.eos_token_id))
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        pad = d.get("pad_token_id", text_config.pad_token_id)
+        return cls(eos, pad, text_config.max_positions)
+
+
+def defaults_of(model: nn.Module) -> GenerationDefaults:
+    """The model's GenerationDefaults (set by load_model), or those of its config alone."""
+    found = getattr(model, "generation_defaults", None)
+    if found is not None:
+        return found
+    text = getattr(model.config, "text", model.config)
+    return GenerationDefaults(tuple(text.eos_token_id), text.pad_token_id, text.max_positions)
+
+
+# -- choosing the next token -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the last logits. temperature 0: greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature {self.temperature}: expected 0 (greedy) or more")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k {self.top_k}: expected 0 (off) or a positive count")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p {self.top_p}: expected a probability mass in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty {self.repetition_penalty}: expected more than 0 (1 is off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (batch, vocab); seen (batch, vocab) bool: tokens already in the row. A seen token's
+    logit is divided by the penalty if positive and multiplied by it if negative (CTRL's rule)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (all that tie with the k-th too); the rest -> -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities sum to at least p (at least one token);
+    the rest -> -inf. As transformers: drop, from the least likely up, while the mass dropped
+    stays at or below 1 - p."""
+    ascending, order = torch.sort(logits, dim=-1)
+    dropped_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = dropped_mass <= 1 - p
+    drop[..., -1] = False  # the most likely token always stays
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None, generator) -> torch.Tensor:
+    """logits (batch, vocab) of the last position -> (batch,) token ids."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        logits = apply_top_k(logits, sampling.top_k)
+    if sampling.top_p < 1.0:
+        logits = apply_top_p(logits, sampling.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StopRules:
+    """When a row is done: an end token (the checkpoint's EOS, or ids given as stops), or a stop
+    string that the text generated so far ends in, however the tokens split it."""
+
+    token_ids: set[int] = field(default_factory=set)
+    strings: list[str] = field(default_factory=list)
+    tokenizer: Tokenizer | None = None
+
+    @classmethod
+    def build(cls, stop, eos_token_ids: Sequence[int], tokenizer: Tokenizer | None) -> "StopRules":
+        stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        strings = [s for s in stop if isinstance(s, str)]
+        if any(not s for s in strings):
+            raise GenerationError("an empty stop string would stop at once; give non-empty strings")
+        if strings and tokenizer is None:
+            raise GenerationError("stop strings need the tokenizer (pass tokenizer= or use stream())")
+        ids = {int(s) for s in stop if not isinstance(s, str)}
+        return cls(ids | {int(i) for i in eos_token_ids}, strings, tokenizer)
+
+    def hit_string(self, new_ids: list[int]) -> int | None:
+        """Where the earliest stop string starts in the text of new_ids, if one is in it."""
+        if not self.strings:
+            return None
+        text = self.tokenizer.decode(new_ids)
+        found = [i for s in self.strings if (i := text.find(s)) >= 0]
+        return min(found) if found else None
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _check(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens {max_new_tokens!r}: expected a positive number of tokens")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt length > 0)")
+    context = defaults.max_positions
+    if context is not None and input_ids.shape[1] >= context:
+        raise GenerationError(
+            f"the prompt is {input_ids.shape[1]} tokens; the model's context is {context} "
+            "(max_position_embeddings), so no token is left to generate"
+        )
+    return min(max_new_tokens, context - input_ids.shape[1]) if context is not None else max_new_tokens
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    stop: StopRules | None = None,
+    seed: int | None = None,
+    cache: KVCache | None = None,
+    **image_inputs,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (tokens (batch,), done (batch,) bool) for each new position, the tokens already
+    padded where a row had finished before. Stops when every row is done or after max_new_tokens.
+
+    cache: an existing KV cache whose filled slots are the context before input_ids (a chat's
+    earlier turns); attention_mask then covers those slots too. None: a fresh cache.
+    """
+    defaults = defaults_of(model)
+    max_new_tokens = _check(model, input_ids, max_new_tokens, defaults)
+    stop = stop or StopRules(set(defaults.eos_token_ids))
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    past = cache.length if cache is not None else 0
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, past + prompt_len, dtype=torch.long, device=device)
+    if cache is None:
+        cache = model.new_cache(batch, prompt_len + max_new_tokens)
+    else:
+        cache.reserve(past + prompt_len + max_new_tokens)
+    pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    seen = None
+    if sampling.repetition_penalty != 1.0:  # the tokens of each row so far, padding left out
+        vocab = model.config.text.vocab_size if hasattr(model.config, "text") else model.config.vocab_size
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.masked_fill(attention_mask[:, past:] == 0, 0), attention_mask[:, past:].bool())
+
+    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stop.token_ids), dtype=torch.long, device=device)
+    new_ids: list[list[int]] = [[] for _ in range(batch)]
+    step = DecodeStep(model, cache, attention_mask)
+    for i in range(max_new_tokens):
+        token = next_tokens(logits, sampling, seen, generator)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        done = done | torch.isin(token, stop_ids)
+        if stop.strings:  # needs the text on the host: one sync per step, only when asked for
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    new_ids[row].append(t)
+                    if stop.hit_string(new_ids[row]) is not None:
+                        done[row] = True
+        yield token, done
+        if i + 1 == max_new_tokens or bool(done.all()):
+            return
+        if seen is not None:
+            seen[torch.arange(batch, device=device), token] = True
+        logits = step(token)
+
+
+class DecodeStep:
+    """One decode step: the new token of every row in, the next logits out, the cache and the
+    attention mask grown by one. A VLM decodes with its language model alone: a generated token
+    is text, even one that happens to be the image token's id (as in transformers)."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor):
+        self.model = getattr(model, "language_model", model)
+        self.cache, self.mask = cache, attention_mask
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self.model(token[:, None], self.mask, cache=self.cache, logits_to_keep=1)[:, -1]
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop=None,
+    tokenizer: Tokenizer | None = None,
+    **image_inputs,
+) -> torch.Tensor:
+    """The new token ids (batch, new) after the prompt; rows that finished early are padded with
+    the checkpoint's pad_token_id (else its first EOS), as transformers' generate pads them.
+
+    stop: strings or token ids (besides the checkpoint's EOS) that end a row; the token that
+    completes one is kept, as transformers keeps the EOS. Strings need `tokenizer`.
+    """
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
+    steps = generate_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                           stop=rules, seed=seed, **image_inputs)  # fmt: skip
+    tokens = [token for token, _ in steps]
+    return torch.stack(tokens, dim=1)
+
+
+def stream(
+    model: nn.Module,
+    processor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop=None,
+    on_token=None,
+    **image_inputs,
+) -> Iterator[str]:
+    """One prompt's answer as text pieces, as the tokens arrive: never half a UTF-8 character,
+    special tokens left out, a stop string and what follows it never shown (text that might be
+    the start of one is held back until it is not). on_token(id) sees every new id."""
+    if input_ids.shape[0] != 1:
+        raise GenerationError(f"stream() takes one prompt; input_ids has {input_ids.shape[0]} rows (use generate)")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+    strings = rules.strings
+    rules.strings = []  # matched here on the streamed text instead
+    held = ""  # text not yet shown: it may be the start of a stop string
+    for token, done in generate_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                      sampling=sampling, stop=rules, seed=seed, **image_inputs):  # fmt: skip
+        t = int(token[0])
+        if on_token is not None:
+            on_token(t)
+        if t not in rules.token_ids:
+            held += decoder.push(t)
+        cut = min((i for s in strings if (i := held.find(s)) >= 0), default=None)
+        if cut is not None:
+            if held[:cut]:
+                yield held[:cut]
+            return
+        keep = _longest_stop_prefix(held, strings)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+        if bool(done[0]):
+            break
+    held += decoder.flush()
+    if held:
+        yield held
+
+
+def _longest_stop_prefix(text: str, strings: list[str]) -> int:
+    """The length of the longest tail of text that is the start of a stop string."""
+    best = 0
+    for s in strings:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
