@@ -1,19 +1,48 @@
-"""The command line: `python -m minivlm COMMAND` (also installed as `minivlm`)."""
+"""The command line: `python -m minivlm COMMAND` (also installed as `minivlm`).
+
+    generate   answer a prompt about images, streamed to stdout
+    chat       an interactive chat that keeps its KV cache between turns
+    download   fetch a hub checkpoint into weights/
+    bench      benchmarks against transformers, in the same process
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from . import bench
+from . import bench, cli
+from .config import ConfigError
+from .generation import GenerationError
+from .processing.chat import ChatTemplateError
+from .processing.image import ImageError
+from .processing.processor import ProcessorError
+from .processing.tokenizer import TokenizerError
+from .weights import CheckpointError
+
+# Errors about the user's input or files: one line on stderr, no traceback. Anything else is a bug
+# of ours and keeps its traceback.
+USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ChatTemplateError, ImageError, ProcessorError,
+               TokenizerError)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="minivlm", description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minivlm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
+    cli.add_parsers(sub)
     bench.add_parser(sub)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        print(f"minivlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

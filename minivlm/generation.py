@@ -302,6 +302,7 @@ def stream(
     seed: int | None = None,
     stop=None,
     on_token=None,
+    cache: KVCache | None = None,
     **image_inputs,
 ) -> Iterator[str]:
     """One prompt's answer as text pieces, as the tokens arrive: never half a UTF-8 character,
@@ -317,7 +318,7 @@ def stream(
     rules.strings = []  # matched here on the streamed text instead
     held = ""  # text not yet shown: it may be the start of a stop string
     for token, done in generate_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                      sampling=sampling, stop=rules, seed=seed, **image_inputs):  # fmt: skip
+                                      sampling=sampling, stop=rules, seed=seed, cache=cache, **image_inputs):  # fmt: skip
         t = int(token[0])
         if on_token is not None:
             on_token(t)

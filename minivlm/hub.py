@@ -47,6 +47,7 @@ def download(hub_id: str, local: Path) -> Path:
         raise CheckpointError(f"{hub_id}: no such local folder, and no such model on the hub (or it is private)") from None
     except Exception as e:  # offline, DNS, proxy, HTTP errors: one line, not a traceback
         raise CheckpointError(
-            f"{hub_id}: no such local folder, not in {local}, and the hub could not be reached ({type(e).__name__}: {e})"
+            f"{hub_id}: no such local folder, not in {local}, and the hub could not be reached "
+            f"({type(e).__name__}: {' '.join(str(e).split())})"  # one line: hub errors span several
         ) from None
     return local

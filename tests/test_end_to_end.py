@@ -4,6 +4,8 @@ and model on the same folder."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import transformers
@@ -16,15 +18,17 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 import minivlm
 
 
-def test_interleave_checkpoint_from_files_to_logits(tmp_path):
-    build("qwen2", tmp_path)  # tokenizer.json with <image> among its special tokens
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+def interleave_checkpoint(folder) -> transformers.LlavaForConditionalGeneration:
+    """A complete tiny LLaVA-Interleave checkpoint folder (weights in the hub layout, tokenizer,
+    processor settings, chat template, generation config); returns transformers' model of it."""
+    build("qwen2", folder)  # tokenizer.json with <image> among its special tokens
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
     tok.pad_token = "<|endoftext|>"
     processor = transformers.LlavaProcessor(
         image_processor=SiglipImageProcessorPil(size={"height": 42, "width": 42}), tokenizer=tok, patch_size=14,
         vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=TEMPLATE,
     )  # fmt: skip
-    processor.save_pretrained(tmp_path)
+    processor.save_pretrained(folder)
     config = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160,
                            num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14),
@@ -35,8 +39,15 @@ def test_interleave_checkpoint_from_files_to_logits(tmp_path):
     )  # fmt: skip
     torch.manual_seed(0)
     hf_model = randomize_(transformers.LlavaForConditionalGeneration(config)).eval()
-    save_checkpoint(hf_model, tmp_path, layout="hub")
+    save_checkpoint(hf_model, folder, layout="hub")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos}))
+    return hf_model
 
+
+def test_interleave_checkpoint_from_files_to_logits(tmp_path):
+    hf_model = interleave_checkpoint(tmp_path)
+    config = hf_model.config
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"},
                                               {"type": "image"}]}]  # fmt: skip
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (50 + 9 * i, 70, 3), dtype=np.uint8))
