@@ -151,38 +151,65 @@ VLM_PRESETS = {
         text=dict(vocab_size=151646, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                   num_attention_heads=16, num_key_value_heads=16),
     ),
+    # The decoder's weights (3 MB) stay in the CPU's cache: a decode step's time is mostly each
+    # loop's own overhead, which is what this preset measures.
+    "tiny": dict(
+        vision=dict(hidden_size=144, intermediate_size=288, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2),
+    ),
     "small": dict(
         vision=dict(hidden_size=288, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=4),
         text=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=8),
     ),
+    # SigLIP so400m + Llama-3 8B's decoder (GQA 32/8, 128k vocab): an 8B family member for CUDA.
+    "llama3-8b": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
+        text=dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                  tie_word_embeddings=False),
+    ),
 }  # fmt: skip
 
 
-def bench_vlm(args: argparse.Namespace) -> None:
+def _vlm_pair(args: argparse.Namespace):
+    """The preset as a random-weight LLaVA checkpoint, loaded by minivlm and by transformers."""
     transformers = _transformers()
     import minivlm
 
     preset = VLM_PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
+    text = {"model_type": "qwen2", "tie_word_embeddings": True, "rope_theta": 1000000.0, **preset["text"]}
     config = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", image_size=384, patch_size=14, **preset["vision"]),
-        text_config=dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0, **preset["text"]),
-        image_token_index=preset["text"]["vocab_size"] - 1, vision_feature_layer=-1,
+        text_config=text, image_token_index=preset["text"]["vocab_size"] - 1, vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        transformers.LlavaForConditionalGeneration(config).save_pretrained(tmp)
+        with torch.device("meta"):  # no fp32 copy of an 8B model in host memory: random values come below
+            model = transformers.LlavaForConditionalGeneration(config)
+        model.to_empty(device="cpu").to(dtype)
+        for p in model.parameters():
+            p.data.normal_(0, 0.02)
+        model.tie_weights()
+        model.save_pretrained(tmp)
+        del model
         ours = minivlm.load_model(tmp, dtype=dtype, device=args.device)
         theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
             tmp, dtype=dtype, attn_implementation=args.attn
         ).to(args.device)
     theirs.eval()
     params = sum(p.numel() for p in ours.parameters())
-    print(f"LLaVA-Interleave '{args.preset}': {params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; "
+    print(f"LLaVA '{args.preset}': {params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; "
           f"transformers {transformers.__version__} ({args.attn} attention), torch {torch.__version__}")  # fmt: skip
+    return ours, theirs, config
 
+
+def bench_vlm(args: argparse.Namespace) -> None:
+    ours, theirs, config = _vlm_pair(args)
+    dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.images, 3, 384, 384, generator=g).to(args.device, dtype)
     text = torch.randint(0, 1000, (args.text_tokens,), generator=g)
@@ -202,6 +229,55 @@ def bench_vlm(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         a, b = ours(ids, pixel_values=pixels).float(), theirs(input_ids=ids, pixel_values=pixels).logits.float()
     print(f"max |logit diff| / max |logit|: {((a - b).abs().max() / b.abs().max()).item():.1e}")
+
+
+def bench_generate(args: argparse.Namespace) -> None:
+    """Greedy generation with one image: time to first token and decode tokens/s of minivlm's
+    generate against transformers' generate on the same weights and inputs; on CUDA also peak
+    memory and the bandwidth roofline (weight bytes / measured copy bandwidth)."""
+    import minivlm
+
+    ours, theirs, config = _vlm_pair(args)
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 384, 384, generator=g).to(args.device, dtype)
+    text = torch.randint(0, 1000, (args.text_tokens,), generator=g)
+    ids = torch.cat([text[:4], torch.full((729,), config.image_token_id), text[4:]])[None].to(args.device)
+    ours.generation_defaults = minivlm.generation.GenerationDefaults((), 0, None)  # no EOS: every run is full length
+
+    def run_ours(n):
+        return minivlm.generate(ours, ids, pixel_values=pixels, max_new_tokens=n)
+
+    def run_theirs(n):
+        out = theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        return out[:, ids.shape[1] :]
+
+    n = args.new_tokens
+    same = torch.equal(run_ours(n).cpu(), run_theirs(n).cpu())
+    print(f"prompt: 1 image (729 tokens) + {args.text_tokens} text tokens; {n} new tokens, greedy; "
+          f"identical tokens: {same}")
+    print(f"{'':<34}{'minivlm':>12}{'transformers':>14}{'ratio':>8}")
+    results = {}
+    for name, fn in (("minivlm", run_ours), ("transformers", run_theirs)):
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        first = time_call(partial(fn, 1), args.repeats, args.device)
+        full = time_call(partial(fn, n), args.repeats, args.device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+        results[name] = (first, (n - 1) / (full - first), peak)
+    (f_o, r_o, m_o), (f_t, r_t, m_t) = results["minivlm"], results["transformers"]
+    print(f"{'time to first token (s)':<34}{f_o:>12.3f}{f_t:>14.3f}{f_t / f_o:>8.2f}")
+    print(f"{'decode (tokens/s)':<34}{r_o:>12.1f}{r_t:>14.1f}{r_o / r_t:>8.2f}")
+    if args.device.startswith("cuda"):
+        print(f"{'peak memory (GiB)':<34}{m_o:>12.2f}{m_t:>14.2f}")
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters())
+        buf = torch.empty(2**28, dtype=torch.float32, device=args.device)  # 1 GiB
+        copy = time_call(lambda: buf.clone(), 5, args.device)
+        bandwidth = 2 * buf.numel() * 4 / copy  # read + write
+        roofline = bandwidth / weight_bytes
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; decoder weights {weight_bytes / 2**30:.2f} GiB; "
+              f"roofline {roofline:.1f} tokens/s; minivlm at {r_o / roofline:.0%} of it")
 
 
 def _bench_text(words: int) -> str:
@@ -297,6 +373,15 @@ def add_parser(sub) -> None:
     vlm.add_argument("--text-tokens", type=int, default=32)
     vlm.add_argument("--repeats", type=int, default=5)
     vlm.set_defaults(run=bench_vlm)
+    gen = which.add_parser("generate", help="time to first token and decode speed against transformers' generate")
+    gen.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
+    gen.add_argument("--text-tokens", type=int, default=32)
+    gen.add_argument("--new-tokens", type=int, default=64)
+    gen.add_argument("--repeats", type=int, default=3)
+    gen.set_defaults(run=bench_generate)
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=int, default=1_000_000)

@@ -99,6 +99,12 @@ def attention_mask(
     patches), and lies within the last `window` indices (sliding-window layers, as transformers'
     `sliding_window_overlay`: j > i - window).
     """
+    # A rule that hides nothing is dropped: causal when the first query already sits at or past
+    # the last key (a decode step), the window when no query is `window` past the first key.
+    if causal and q_offset >= kv_len - 1:
+        causal = False
+    if window is not None and q_offset + q_len - 1 < window:
+        window = None
     if not causal and kv_valid is None and window is None:
         return None
     q_idx = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]  # (q_len, 1)
