@@ -27,3 +27,23 @@ def test_bench_tokenizer_runs():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "minivlm (tiktoken)" in out.stdout and "speed-up" in out.stdout
+
+
+def test_bench_sentencepiece_tokenizer_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "minivlm", "bench", "tokenizer", "--kind", "sentencepiece", "--words", "20000",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "minivlm (Python BPE)" in out.stdout and "speed-up" in out.stdout
+
+
+def test_bench_generate_runs_and_agrees_with_transformers():
+    out = subprocess.run(
+        [sys.executable, "-m", "minivlm", "bench", "generate", "--preset", "tiny", "--new-tokens", "4",
+         "--text-tokens", "6", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "identical tokens: True" in out.stdout and "decode (tokens/s)" in out.stdout
