@@ -166,7 +166,7 @@ class StopRules:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def _check(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
+def _check(input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens {max_new_tokens!r}: expected a positive number of tokens")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -200,7 +200,7 @@ def generate_steps(
     earlier turns); attention_mask then covers those slots too. None: a fresh cache.
     """
     defaults = defaults_of(model)
-    max_new_tokens = _check(model, input_ids, max_new_tokens, defaults)
+    max_new_tokens = _check(input_ids, max_new_tokens, defaults)
     stop = stop or StopRules(set(defaults.eos_token_ids))
     batch, prompt_len = input_ids.shape
     device = input_ids.device

@@ -389,20 +389,19 @@ def _token_name(token) -> str:
     return token.get("content", "") if isinstance(token, dict) else str(token or "")
 
 
+def _added_token(i: int, d: dict[str, Any]) -> AddedToken:
+    """An added token as tokenizer.json and tokenizer_config.json write one."""
+    return AddedToken(int(i), d["content"], bool(d.get("special")), bool(d.get("lstrip")), bool(d.get("rstrip")))
+
+
 def _added_tokens(spec: dict[str, Any]) -> dict[int, AddedToken]:
-    return {
-        t["id"]: AddedToken(t["id"], t["content"], bool(t.get("special")), bool(t.get("lstrip")), bool(t.get("rstrip")))
-        for t in spec.get("added_tokens") or []
-    }  # fmt: skip
+    return {t["id"]: _added_token(t["id"], t) for t in spec.get("added_tokens") or []}
 
 
 def _config_added_tokens(config: dict[str, Any], vocab: dict[str, int]) -> dict[int, AddedToken]:
     """tokenizer_config.json's added_tokens_decoder (LLaVA-1.5's <image> and <pad> live only there),
     and the named special tokens that are pieces of the vocab."""
-    added = {
-        int(i): AddedToken(int(i), t["content"], bool(t.get("special")), bool(t.get("lstrip")), bool(t.get("rstrip")))
-        for i, t in (config.get("added_tokens_decoder") or {}).items()
-    }  # fmt: skip
+    added = {int(i): _added_token(i, t) for i, t in (config.get("added_tokens_decoder") or {}).items()}
     for name in ("unk_token", "bos_token", "eos_token", "pad_token"):
         content = _token_name(config.get(name))
         if content in vocab and vocab[content] not in added:
