@@ -354,6 +354,15 @@ def _time_encode(ours, theirs, texts: list[str], repeats: int, label: str) -> No
     print(f"speed-up {t_theirs / t_ours:.2f}x")
 
 
+def _vlm_args(p: argparse.ArgumentParser) -> None:
+    """What `_vlm_pair` and the prompt of the VLM benchmarks read."""
+    p.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
+    p.add_argument("--text-tokens", type=int, default=32)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against transformers in the same run")
     which = p.add_subparsers(dest="target", required=True)
@@ -365,20 +374,12 @@ def add_parser(sub) -> None:
     loader.add_argument("--repeats", type=int, default=3)
     loader.set_defaults(run=bench_loader)
     vlm = which.add_parser("vlm", help="vision tower and image+prompt forward of a LLaVA-Interleave model")
-    vlm.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small")
-    vlm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    vlm.add_argument("--device", default="cpu")
-    vlm.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
+    _vlm_args(vlm)
     vlm.add_argument("--images", type=int, default=1)
-    vlm.add_argument("--text-tokens", type=int, default=32)
     vlm.add_argument("--repeats", type=int, default=5)
     vlm.set_defaults(run=bench_vlm)
     gen = which.add_parser("generate", help="time to first token and decode speed against transformers' generate")
-    gen.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
-    gen.add_argument("--text-tokens", type=int, default=32)
+    _vlm_args(gen)
     gen.add_argument("--new-tokens", type=int, default=64)
     gen.add_argument("--repeats", type=int, default=3)
     gen.set_defaults(run=bench_generate)
