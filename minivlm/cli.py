@@ -49,16 +49,13 @@ def log(message: str) -> None:
 
 def _load(args):
     """Model and processor, with the load time on stderr."""
-    from .generation import Sampling
+    from .generation import Sampling, check_max_new_tokens
     from .hub import resolve_checkpoint
     from .load import load_model, load_processor
 
-    # Check the sampling settings before minutes of loading, not after.
+    # Check the generation settings before minutes of loading, not after.
     Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    if args.max_new_tokens < 1:
-        from .generation import GenerationError
-
-        raise GenerationError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
     start = time.perf_counter()
     folder = resolve_checkpoint(args.model)
     dtype = args.dtype or ("float32" if args.device == "cpu" else None)

@@ -166,9 +166,13 @@ class StopRules:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def _check(input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
+def check_max_new_tokens(max_new_tokens, name: str = "max_new_tokens") -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens {max_new_tokens!r}: expected a positive number of tokens")
+        raise GenerationError(f"{name} {max_new_tokens!r}: expected a positive number of tokens")
+
+
+def _check(input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
+    check_max_new_tokens(max_new_tokens)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt length > 0)")
     context = defaults.max_positions
@@ -216,13 +220,11 @@ def generate_steps(
     if not sampling.greedy:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
+    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
     seen = None
     if sampling.repetition_penalty != 1.0:  # the tokens of each row so far, padding left out
-        vocab = model.config.text.vocab_size if hasattr(model.config, "text") else model.config.vocab_size
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # (batch, vocab)
         seen.scatter_(1, input_ids.masked_fill(attention_mask[:, past:] == 0, 0), attention_mask[:, past:].bool())
-
-    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(sorted(stop.token_ids), dtype=torch.long, device=device)
     new_ids: list[list[int]] = [[] for _ in range(batch)]
