@@ -33,6 +33,15 @@ class ProcessorError(ValueError):
     """Inputs the processor cannot turn into model inputs; the message says which and why."""
 
 
+def _count_error(token: str, per_text: list[int], given: int, what: str) -> ProcessorError:
+    """The prompts hold per_text[i] `token`s each, and `given` images or videos came with them."""
+    prompts = "prompts have" if len(per_text) > 1 else "prompt has"
+    return ProcessorError(
+        f"the {prompts} {sum(per_text)} {token} tokens ({', '.join(map(str, per_text))}) but {given} {what}s "
+        f"were given; give one {what} per {token}"
+    )
+
+
 @dataclass(frozen=True)
 class ImageTokens:
     """processor_config.json: how many tokens an image becomes."""
@@ -114,10 +123,7 @@ class Processor:
         if self.family is None and images:
             raise ProcessorError("this checkpoint is text-only; it takes no images")
         if self.family is not None and sum(per_text) != len(images):
-            raise ProcessorError(
-                f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(per_text)} {token} tokens "
-                f"({', '.join(map(str, per_text))}) but {len(images)} images were given; give one image per {token}"
-            )
+            raise _count_error(token, per_text, len(images), "image")
         pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
         out, replacements = self._images(pil, per_text)
 
@@ -145,10 +151,7 @@ class Processor:
         token = self.tokens.image_token
         counts = [t.count(VIDEO_TOKEN) for t in texts]
         if sum(counts) != len(videos):
-            raise ProcessorError(
-                f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(counts)} {VIDEO_TOKEN} tokens ({', '.join(map(str, counts))}) but "
-                f"{len(videos)} videos were given; give one video per {VIDEO_TOKEN}"
-            )
+            raise _count_error(VIDEO_TOKEN, counts, len(videos), "video")
         frames = [load_video_frames(v) if isinstance(v, (str, Path)) else list(v) for v in videos]
         if not all(frames):
             raise ProcessorError(f"video {[len(f) for f in frames].index(0)} has no frames")
