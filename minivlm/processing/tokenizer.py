@@ -63,11 +63,13 @@ class Tokenizer:
     strip_first_space = False  # SentencePiece's decoder drops the space its encoder put in front
     padding_side = "right"  # where transformers' tokenizer class pads when the config does not say
 
-    def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int], suffix: list[int]):
+    def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int],
+                 suffix: list[int], config: dict[str, Any]):  # fmt: skip
         self.added = added
         self.token_to_id = token_to_id
         self.prefix, self.suffix = prefix, suffix
         self._added = AddedTokenMatcher(added.values()) if added else None
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
 
     @property
     def vocab_size(self) -> int:
@@ -98,7 +100,8 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         skip = {i for i, t in self.added.items() if t.special} if skip_special_tokens else set()
-        return self._decode_tokens([int(i) for i in ids if int(i) not in skip])
+        text = self._decode_tokens([int(i) for i in ids if int(i) not in skip])
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
         raise NotImplementedError
@@ -120,8 +123,7 @@ class BPETokenizer(Tokenizer):
         if model.get("type") != "BPE":
             raise TokenizerError(f"{source}: model type {model.get('type')!r}; BPETokenizer reads byte-level BPE")
         added = _added_tokens(spec)
-        token_to_id = dict(model["vocab"])
-        token_to_id.update({t.content: t.id for t in added.values()})
+        token_to_id = _token_to_id(model["vocab"], added)
         self.id_to_bytes: dict[int, bytes] = {}
         ranks: dict[bytes, int] = {}
         for token, i in model["vocab"].items():
@@ -144,8 +146,7 @@ class BPETokenizer(Tokenizer):
         pattern = steps.pop() if steps and steps[-1] != "digits" else r"[\s\S]+"
         self.python_steps = steps  # steps tiktoken cannot do in its one regex: done here, in order
         self.encoding = tiktoken.Encoding(name=source, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        super().__init__(added, token_to_id, *_template(spec.get("post_processor"), token_to_id, source))
-        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        super().__init__(added, token_to_id, *_template(spec.get("post_processor"), token_to_id, source), config)
 
     def _check_merge_order(self, merges: list, source: str) -> None:
         """tiktoken merges the pair whose result has the lowest id; BPE merges by its merge list.
@@ -172,8 +173,7 @@ class BPETokenizer(Tokenizer):
         return token.content.encode() if token is not None else self.id_to_bytes[i]
 
     def _decode_tokens(self, ids: list[int]) -> str:
-        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
-        return clean_up_tokenization(text) if self.clean_up_spaces else text
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
 
 SPACE = "\u2581"  # "▁", SentencePiece's stand-in for a space
@@ -204,8 +204,8 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.pieces = {i: p for p, i in vocab.items()}
-        token_to_id = dict(vocab)
-        token_to_id.update({t.content: t.id for t in added.values()})
+        self.byte_of = {i: int(m.group(1), 16) for p, i in vocab.items() if (m := BYTE_PIECE.fullmatch(p)) and i not in added}
+        token_to_id = _token_to_id(vocab, added)
         # transformers: add_prefix_space (default on) puts "▁" in front; legacy=false does it only
         # for the segment that starts the text, not after every added token.
         if config.get("add_prefix_space", True) is False:
@@ -220,8 +220,7 @@ class SentencePieceTokenizer(Tokenizer):
             suffix = [token_to_id[eos]] if config.get("add_eos_token") and eos in token_to_id else []
         else:
             prefix, suffix = _template(post_processor, token_to_id, source)
-        super().__init__(added, token_to_id, prefix, suffix)
-        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        super().__init__(added, token_to_id, prefix, suffix, config)
 
     @classmethod
     def from_model(cls, path: Path, config: dict[str, Any]) -> "SentencePieceTokenizer":
@@ -291,28 +290,23 @@ class SentencePieceTokenizer(Tokenizer):
         token = self.added.get(i)
         if token is not None:
             return token.content.encode()
-        piece = self.pieces[i]
-        byte = BYTE_PIECE.fullmatch(piece)
-        return bytes([int(byte.group(1), 16)]) if byte else piece.replace(SPACE, " ").encode()
+        return bytes([self.byte_of[i]]) if i in self.byte_of else self.pieces[i].replace(SPACE, " ").encode()
 
     def _decode_tokens(self, ids: list[int]) -> str:
         """transformers' decoder chain: "▁" -> " ", runs of byte pieces joined as UTF-8 (one U+FFFD
         per byte of a run that is not valid UTF-8), then one leading space stripped."""
-        parts, run = [], b""
+        parts, run = [], bytearray()
         for i in ids:
-            piece = self.added[i].content if i in self.added else self.pieces[i]
-            byte = BYTE_PIECE.fullmatch(piece) if i not in self.added else None
-            if byte:
-                run += bytes([int(byte.group(1), 16)])
+            if i in self.byte_of:
+                run.append(self.byte_of[i])
                 continue
             parts.append(_utf8_or_replacement(run))
-            run = b""
+            run = bytearray()
+            piece = self.added[i].content if i in self.added else self.pieces[i]
             parts.append(piece.replace(SPACE, " "))
         parts.append(_utf8_or_replacement(run))
         text = "".join(parts)
-        if self.strip_first_space and text.startswith(" "):
-            text = text[1:]
-        return clean_up_tokenization(text) if self.clean_up_spaces else text
+        return text[1:] if self.strip_first_space and text.startswith(" ") else text
 
 
 # SentencePiece piece types (sentencepiece_model.proto).
@@ -377,9 +371,9 @@ def _protobuf_fields(data: bytes):
         yield field, value
 
 
-def _utf8_or_replacement(run: bytes) -> str:
+def _utf8_or_replacement(run: bytearray) -> str:
     try:
-        return run.decode("utf-8")
+        return bytes(run).decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(run)
 
@@ -387,6 +381,11 @@ def _utf8_or_replacement(run: bytes) -> str:
 def _token_name(token) -> str:
     """A special token in tokenizer_config.json: a string or an AddedToken dict."""
     return token.get("content", "") if isinstance(token, dict) else str(token or "")
+
+
+def _token_to_id(vocab: dict[str, int], added: dict[int, AddedToken]) -> dict[str, int]:
+    """The model's vocabulary with the added tokens' texts on top."""
+    return {**vocab, **{t.content: t.id for t in added.values()}}
 
 
 def _added_token(i: int, d: dict[str, Any]) -> AddedToken:
