@@ -7,43 +7,31 @@ import subprocess
 import sys
 
 
-def test_bench_loader_runs_and_agrees_with_transformers():
-    out = subprocess.run(
-        [sys.executable, "-m", "minivlm", "bench", "loader",
-         "--hidden", "256", "--layers", "2", "--vocab", "1000", "--seq", "8", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def bench(*args: str) -> str:
+    """stdout of `python -m minivlm bench ARGS`, which must exit 0."""
+    out = subprocess.run([sys.executable, "-m", "minivlm", "bench", *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_bench_loader_runs_and_agrees_with_transformers():
+    out = bench("loader", "--hidden", "256", "--layers", "2", "--vocab", "1000", "--seq", "8", "--repeats", "1")
     for row in ("minivlm float32", "transformers float32", "minivlm bfloat16", "transformers eager"):
-        assert row in out.stdout
-    diffs = [float(d) for d in re.findall(r"max \|logit diff\| (\S+)", out.stdout)]
-    assert len(diffs) == 2 and max(diffs) < 1e-4, out.stdout
+        assert row in out
+    diffs = [float(d) for d in re.findall(r"max \|logit diff\| (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, out
 
 
 def test_bench_tokenizer_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "minivlm", "bench", "tokenizer", "--words", "3000", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "minivlm (tiktoken)" in out.stdout and "speed-up" in out.stdout
+    out = bench("tokenizer", "--words", "3000", "--repeats", "1")
+    assert "minivlm (tiktoken)" in out and "speed-up" in out
 
 
 def test_bench_sentencepiece_tokenizer_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "minivlm", "bench", "tokenizer", "--kind", "sentencepiece", "--words", "20000",
-         "--repeats", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "minivlm (Python BPE)" in out.stdout and "speed-up" in out.stdout
+    out = bench("tokenizer", "--kind", "sentencepiece", "--words", "20000", "--repeats", "1")
+    assert "minivlm (Python BPE)" in out and "speed-up" in out
 
 
 def test_bench_generate_runs_and_agrees_with_transformers():
-    out = subprocess.run(
-        [sys.executable, "-m", "minivlm", "bench", "generate", "--preset", "tiny", "--new-tokens", "4",
-         "--text-tokens", "6", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "identical tokens: True" in out.stdout and "decode (tokens/s)" in out.stdout
+    out = bench("generate", "--preset", "tiny", "--new-tokens", "4", "--text-tokens", "6", "--repeats", "1")
+    assert "identical tokens: True" in out and "decode (tokens/s)" in out
