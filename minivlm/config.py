@@ -283,17 +283,19 @@ class VisionConfig:
 class ConnectorConfig:
     """What turns vision features into text embeddings; `kind` names a class in connector.CONNECTORS."""
 
-    kind: str  # "mlp2x_gelu" | "pixel_shuffle" | "linear"
+    kind: str  # "mlp2x_gelu" | "pixel_shuffle" | "linear" | "resampler"
     in_dim: int  # vision hidden size (times the number of feature layers concatenated)
     out_dim: int  # text hidden size
     act: str = "gelu"
     bias: bool = True
     scale_factor: int = 1  # pixel shuffle: tokens merged per side
+    num_queries: int = 0  # resampler: tokens out per image (or slice)
+    num_heads: int = 0  # resampler: heads of its cross-attention
 
 
 @dataclass(frozen=True)
 class VLMConfig:
-    model_type: str  # "llava" | "llava_next" | "idefics3"
+    model_type: str  # "llava" | "llava_next" | "idefics3" | "llama3v"
     text: TextConfig
     vision: VisionConfig
     connector: ConnectorConfig
@@ -364,7 +366,42 @@ class VLMConfig:
                 image_token_id=int(d.get("image_token_id", 128257)), feature_layers=None, drop_cls=False,
                 dtype=d.get("dtype") or d.get("torch_dtype"),
             )  # fmt: skip
+        if model_type == "llama3v":
+            return _llama3v_config(d, source)
         raise ConfigError(f"{source}: {model_type!r} is not a vision-language model_type minivlm knows")
+
+
+# MiniCPM-Llama3-V 2.5's vision tower (SigLIP so400m/14 as transformers' Idefics2VisionConfig),
+# which llama3v's config.json leaves out: it names only `patch_size`.
+LLAMA3V_VISION = dict(model_type="idefics3_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                      num_attention_heads=16, image_size=980, patch_size=14)  # fmt: skip
+LLAMA3V_UNK_ID = 128002  # `<unk>` in llama3v's Llama-3 vocabulary: the placeholder the image features replace
+LLAMA3V_EOT_ID = 128009  # `<|eot_id|>`: MiniCPM-Llama3-V ends its turns with it as well as with <|end_of_text|>
+
+
+def _llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
+    """llama3v keeps the Llama-3 decoder's fields at the top level of config.json, beside
+    `query_num`, `image_size` (the slicing scale), `patch_size` and `slice_mode`. A `vision_config`
+    dict, if present, overrides the tower's defaults (tests use it for tiny towers)."""
+    text = TextConfig.from_hf({**d, "model_type": "llama"}, source)
+    if d.get("eos_token_id") is None or isinstance(d["eos_token_id"], int):
+        eos = tuple(text.eos_token_id) + ((LLAMA3V_EOT_ID,) if text.vocab_size > LLAMA3V_EOT_ID else ())
+        text = replace(text, eos_token_id=eos)
+    vision_d = {**LLAMA3V_VISION, "patch_size": d.get("patch_size", 14), **(d.get("vision_config") or {})}
+    vision = VisionConfig.from_hf({**vision_d, "model_type": "idefics3_vision"}, f"{source} vision_config")
+    # MiniCPM-V gives its resampler one head per 128 channels of the decoder's width.
+    heads = text.hidden_size // 128
+    if heads < 1 or text.hidden_size % 128:
+        raise ConfigError(f"{source}: hidden_size {text.hidden_size} is not a multiple of 128, the resampler's head width")
+    queries = d.get("query_num", 96)
+    if not isinstance(queries, int) or queries < 1:
+        raise ConfigError(f"{source}: query_num {queries!r}; expected a positive integer")
+    connector = ConnectorConfig("resampler", vision.hidden_size, text.hidden_size, num_queries=queries, num_heads=heads)
+    return VLMConfig(
+        model_type="llama3v", text=text, vision=vision, connector=connector,
+        image_token_id=int(d.get("image_token_id", LLAMA3V_UNK_ID)), feature_layers=None, drop_cls=False,
+        dtype=d.get("dtype") or d.get("torch_dtype"),
+    )  # fmt: skip
 
 
 def read_config(folder: Path) -> dict[str, Any]:

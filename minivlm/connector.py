@@ -7,10 +7,12 @@ class here and a row there (and, to load a checkpoint, the rows of its keys in t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .config import ConnectorConfig
+from .vision import LayerNorm
 
 
 class Linear(nn.Module):
@@ -61,10 +63,88 @@ class PixelShuffle(nn.Module):
         return self.proj(pixel_shuffle(x, self.scale))
 
 
+def sincos_2d(height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2D sin-cos position embeddings (height, width, dim) of a patch grid, as MiniCPM-V's
+    resampler builds them: the first dim/2 channels encode the column, the last dim/2 the row,
+    each as [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/4)), k < dim/4. float32."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # (dim/4,)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, dim/2)
+        angles = pos[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    cols = encode(torch.arange(width, dtype=torch.float32, device=device))  # (width, dim/2)
+    rows = encode(torch.arange(height, dtype=torch.float32, device=device))  # (height, dim/2)
+    return torch.cat([cols[None].expand(height, -1, -1), rows[:, None].expand(-1, width, -1)], dim=-1)
+
+
+class PackedAttention(nn.Module):
+    """Multi-head attention with q/k/v packed in one `in_proj_weight` (3*d, d), as
+    torch.nn.MultiheadAttention stores it (and so the llama3v checkpoint)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid: torch.Tensor | None) -> torch.Tensor:
+        """q (n, queries, d), k and v (n, keys, d), kv_valid (n, keys) bool or None -> (n, queries, d)."""
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (n, seq, d) -> (n, heads, seq, head_dim)
+            return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = ops.attention(heads(F.linear(q, w_q, b_q)), heads(F.linear(k, w_k, b_k)), heads(F.linear(v, w_v, b_v)),
+                            causal=False, kv_valid=kv_valid)  # fmt: skip
+        n, _, queries, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(n, queries, -1))
+
+
+class Resampler(nn.Module):
+    """llama3v / MiniCPM-Llama3-V 2.5: a perceiver resampler. `num_queries` learned queries attend,
+    in one multi-head cross-attention, over the patch features of one slice (plus the 2D sin-cos
+    embedding of each patch's place in the slice's own grid, on the keys only), whatever the
+    slice's size; then LayerNorm and a square projection. Every slice becomes num_queries tokens."""
+
+    def __init__(self, config: ConnectorConfig):
+        super().__init__()
+        dim = config.out_dim
+        self.query = nn.Parameter(torch.empty(config.num_queries, dim))
+        self.kv_proj = nn.Linear(config.in_dim, dim, bias=False) if config.in_dim != dim else nn.Identity()
+        self.attn = PackedAttention(dim, config.num_heads)
+        self.ln_q = LayerNorm(dim, eps=1e-6)
+        self.ln_kv = LayerNorm(dim, eps=1e-6)
+        self.ln_post = LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Parameter(torch.empty(dim, dim))  # applied as x @ proj
+
+    def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, h*w, in_dim): each slice's patch features on an h x w canvas, row-major;
+        patch_mask (n, h, w) marks each slice's real patches (top-left, as the NaViT tower pads).
+        -> (n, num_queries, out_dim)."""
+        n, seq, _ = x.shape
+        if patch_mask is None:
+            side = int(seq**0.5)
+            patch_mask = torch.ones(n, side, side, dtype=torch.bool, device=x.device)
+        h, w = patch_mask.shape[1:]
+        kv = self.ln_kv(self.kv_proj(x))  # (n, h*w, d)
+        # A real patch at (i, j) of its slice gets the embedding of (i, j): the same table serves
+        # every slice size, since slices are padded at the bottom and right.
+        pos = sincos_2d(h, w, kv.shape[-1], device=x.device).reshape(1, h * w, -1).to(kv.dtype)  # (1, h*w, d)
+        kv_valid = patch_mask.reshape(n, h * w)
+        q = self.ln_q(self.query).expand(n, -1, -1)  # (n, queries, d)
+        out = self.attn(q, kv + pos, kv, None if bool(kv_valid.all()) else kv_valid)
+        return self.ln_post(out) @ self.proj
+
+
 CONNECTORS: dict[str, type[nn.Module]] = {
     "linear": Linear,
     "mlp2x_gelu": MLP2xGELU,
     "pixel_shuffle": PixelShuffle,
+    "resampler": Resampler,
 }
 
 

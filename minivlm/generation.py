@@ -211,6 +211,11 @@ def generate_steps(
     past = cache.length if cache is not None else 0
     if attention_mask is None:
         attention_mask = torch.ones(batch, past + prompt_len, dtype=torch.long, device=device)
+    if not bool(attention_mask[:, -1].all()):
+        raise GenerationError(
+            "the batch is padded on the right, so its shorter rows would continue from padding; "
+            "pad on the left (processor(..., padding_side='left'))"
+        )
     if cache is None:
         cache = model.new_cache(batch, prompt_len + max_new_tokens)
     else:

@@ -15,8 +15,8 @@ from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
 from .processing.processor import Processor, ProcessorError
 from .processing.tokenizer import TokenizerError
-from .vlm import VLM, Idefics3, LlavaNext
-from .weights import IDEFICS3_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
+from .vlm import VLM, Idefics3, Llama3V, LlavaNext
+from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(VLMConfig.from_hf, VLM, LLAVA_KEYS),
     "llava_next": Family(VLMConfig.from_hf, LlavaNext, LLAVA_KEYS),
     "idefics3": Family(VLMConfig.from_hf, Idefics3, IDEFICS3_KEYS),
+    "llama3v": Family(VLMConfig.from_hf, Llama3V, LLAMA3V_KEYS),
 }
 
 DTYPES = {

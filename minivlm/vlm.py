@@ -152,11 +152,38 @@ class Idefics3(VLM):
         flat = pixel_values.reshape(b * k, c, height, width)
         real = flat.flatten(1).ne(0).any(dim=1)  # (b*k,): an image of zeros is padding
         flat = flat[real]
-        if pixel_attention_mask is None:
-            mask = torch.ones(flat.shape[0], height, width, dtype=torch.bool, device=flat.device)
-        else:
-            mask = pixel_attention_mask.reshape(b * k, height, width)[real].bool()
-        # A patch is real if any of its pixels is: (n, H, W) -> (n, H/p, W/p)
-        patch_mask = mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
-        features = self.vision_tower(flat, patch_mask)  # (n, patches, hidden), post-norm
+        mask = None if pixel_attention_mask is None else pixel_attention_mask.reshape(b * k, height, width)[real]
+        features = self.vision_tower(flat, patch_mask_of(mask, flat, p))  # (n, patches, hidden), post-norm
         return list(self.multi_modal_projector(features))
+
+
+def patch_mask_of(pixel_mask: torch.Tensor | None, pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
+    """pixel mask (n, H, W) of the real pixels of padded images -> patch mask (n, H/p, W/p): a patch
+    is real if any of its pixels is. No mask: every patch is real."""
+    n, _, height, width = pixel_values.shape
+    if pixel_mask is None:
+        return torch.ones(n, height // patch, width // patch, dtype=torch.bool, device=pixel_values.device)
+    return pixel_mask.bool().unfold(1, patch, patch).unfold(2, patch, patch).sum(dim=(-1, -2)) > 0
+
+
+class Llama3V(VLM):
+    """llama3v (the MiniCPM-Llama3-V 2.5 layout): every image is an overview plus slices of
+    different sizes; each runs through the NaViT tower (padded to a common canvas, with a pixel
+    mask) and the resampler turns it into `query_num` tokens, whatever its size."""
+
+    def image_features(self, pixel_values: torch.Tensor, pixel_attention_mask=None, **_) -> list[torch.Tensor]:
+        """pixel_values (slices, C, H, W): the overview and slices of every image in prompt order,
+        zero-padded at the bottom and right; pixel_attention_mask (slices, H, W) marks real pixels."""
+        p = self.config.vision.patch_size
+        if pixel_values.dim() != 4 or pixel_values.shape[2] % p or pixel_values.shape[3] % p:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (slices, C, H, W) with H and W multiples of {p}"
+            )
+        if pixel_attention_mask is not None and pixel_attention_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+            raise ValueError(
+                f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected "
+                f"{(pixel_values.shape[0], *pixel_values.shape[2:])}, one mask per slice"
+            )
+        patch_mask = patch_mask_of(pixel_attention_mask, pixel_values, p)
+        features = self.vision_tower(pixel_values, patch_mask)  # (slices, h*w, hidden), post-norm
+        return list(self.multi_modal_projector(features, patch_mask))  # each (query_num, text hidden)

@@ -221,6 +221,19 @@ IDEFICS3_KEYS = KeyTable(
     ignore=(r".*\.rotary_emb\.inv_freq",),
 )
 
+# llama3v: the decoder under `llm.`, the vision tower under `vison.` (sic), the resampler under
+# `projection.`; below each prefix the names are transformers' Llama and Idefics2 ones and
+# torch.nn.MultiheadAttention's, as minivlm's modules use them.
+LLAMA3V_KEYS = KeyTable(
+    renames=(
+        (r"llm\.model\.", "language_model.model."),
+        (r"llm\.lm_head\.", "language_model.lm_head."),
+        (r"vison\.", "vision_tower."),
+        (r"projection\.", "multi_modal_projector."),
+    ),
+    ignore=(r".*\.rotary_emb\.inv_freq", r"projection\.pos_embed"),
+)
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a model from a folder

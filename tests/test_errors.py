@@ -145,7 +145,7 @@ def test_no_weights_at_all(single):
 
 def test_unknown_model_type(single):
     edit_json(single / "config.json", lambda d: d.update(model_type="gpt2"))
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2'; minivlm loads \['idefics3', 'llama', 'llava', 'llava_next', 'mistral', 'qwen2'\]"):
+    with pytest.raises(ConfigError, match=r"model_type 'gpt2'; minivlm loads \['idefics3', 'llama', 'llama3v', 'llava', 'llava_next', 'mistral', 'qwen2'\]"):
         minivlm.load_model(single)
 
 

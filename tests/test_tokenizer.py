@@ -31,6 +31,8 @@ CORPUS = [
 ]
 SPECIALS = {
     "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"],
+    "llama3v": ["<|begin_of_text|>", "<|end_of_text|>", "<unk>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<image>", "</image>", "<slice>", "</slice>"],
     "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
     "smollm2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<global-img>",
                 "<row_1_col_1>", "<row_1_col_2>", "<end_of_utterance>"],
@@ -42,6 +44,7 @@ PROMPTS = CORPUS + [
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>Describe 😀 here.<|eot_id|>",
     "User:<fake_token_around_image><row_1_col_1><image><image><fake_token_around_image><global-img> 12 \n<end_of_utterance>\nAssistant:",
     "<image><image> <image>  x<|endoftext|>y <|endoftext|> z",
+    "<image><unk><unk></image><slice><image><unk></image>\n<image><unk></image></slice>\nWhat is it?",
     "", " ", "\n", "a", "  leading and trailing  ",
 ]
 
@@ -49,7 +52,7 @@ PROMPTS = CORPUS + [
 def build(family: str, folder) -> None:
     tok = Tokenizer(models.BPE())
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if family == "llama3":
+    if family.startswith("llama3"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
@@ -70,11 +73,13 @@ def build(family: str, folder) -> None:
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])  # fmt: skip
     extra = {}
-    if family == "llama3":
+    if family.startswith("llama3"):
         tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))]
         )
         extra = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        if family == "llama3v":  # llama3v's tokenizer_config: <unk> stands for image features
+            extra.update(eos_token="<|end_of_text|>", unk_token="<unk>")
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     if family == "qwen2":

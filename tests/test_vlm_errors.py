@@ -102,5 +102,5 @@ def test_config_errors(tmp_path, change, message):
 
 
 def test_unknown_connector_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown connector 'qformer'; minivlm has \['linear', 'mlp2x_gelu', 'pixel_shuffle'\]"):
+    with pytest.raises(ValueError, match=r"unknown connector 'qformer'; minivlm has \['linear', 'mlp2x_gelu', 'pixel_shuffle', 'resampler'\]"):
         build_connector(ConnectorConfig("qformer", 8, 8))

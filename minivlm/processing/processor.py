@@ -18,12 +18,12 @@ import torch
 from .chat import ChatTemplateError, find_chat_template, render
 from .files import read_json
 from .image import ImageConfig, load_image, load_video_frames, preprocess_single
-from .tiling import anyres_tiles, anyres_token_count, idefics3_tiles
+from .tiling import SliceConfig, anyres_tiles, anyres_token_count, idefics3_tiles, llama3v_placeholder, llama3v_slices
 from .tokenizer import Tokenizer, load_tokenizer
 
 # processor_class (or config.json's model_type) -> how images become tokens
 FAMILIES = {"LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "Idefics3Processor": "idefics3",
-            "llava": "llava", "llava_next": "llava_next", "idefics3": "idefics3"}  # fmt: skip
+            "llava": "llava", "llava_next": "llava_next", "idefics3": "idefics3", "llama3v": "llama3v"}  # fmt: skip
 
 
 VIDEO_TOKEN = "<video>"  # stands for a video's frames in a LLaVA-Interleave prompt
@@ -55,9 +55,10 @@ class ImageTokens:
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer, tokenizer_config: dict, chat_template: str | None,
-                 family: str | None, image_config: ImageConfig | None, tokens: ImageTokens):  # fmt: skip
+                 family: str | None, image_config: ImageConfig | None, tokens: ImageTokens,
+                 slicing: SliceConfig | None = None):  # fmt: skip
         self.tokenizer, self.chat_template, self.family = tokenizer, chat_template, family
-        self.image_config, self.tokens = image_config, tokens
+        self.image_config, self.tokens, self.slicing = image_config, tokens, slicing
         self.special_tokens = {
             name: (v["content"] if isinstance(v, dict) else v)
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -73,8 +74,10 @@ class Processor:
         settings = read_json(folder / "processor_config.json", ProcessorError)
         kind = settings.get("processor_class") or read_json(folder / "config.json", ProcessorError).get("model_type")
         family = FAMILIES.get(kind)
-        image_config = None
-        if family is not None:
+        image_config, slicing = None, None
+        if family == "llama3v":
+            image_config, slicing = _llama3v_settings(read_json(folder / "config.json", ProcessorError), folder)
+        elif family is not None:
             # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
             image_d = settings.get("image_processor") or read_json(folder / "preprocessor_config.json", ProcessorError)
             if not image_d:
@@ -89,13 +92,24 @@ class Processor:
         )
         if family is not None and tokens.image_token not in tokenizer.token_to_id:
             raise ProcessorError(f"{folder}: the tokenizer has no {tokens.image_token!r} token")
-        return cls(tokenizer, tokenizer_config, find_chat_template(folder), family, image_config, tokens)
+        processor = cls(tokenizer, tokenizer_config, find_chat_template(folder), family, image_config, tokens, slicing)
+        if family == "llama3v":
+            missing = [t for t in ("</image>", "<slice>", "</slice>", processor.unk_token) if t not in tokenizer.token_to_id]
+            if missing:
+                raise ProcessorError(f"{folder}: a llama3v tokenizer needs the tokens {missing}, which it lacks")
+        return processor
+
+    @property
+    def unk_token(self) -> str:
+        return self.special_tokens.get("unk_token", "<unk>")
 
     # -- text ----------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         if self.chat_template is None:
             raise ChatTemplateError("this checkpoint ships no chat template (chat_template.jinja/.json or tokenizer_config.json)")
+        if self.family == "llama3v":
+            messages = [_joined_content(m, self.tokens.image_token) for m in messages]
         return render(self.chat_template, messages, add_generation_prompt, **{**self.special_tokens, **variables})
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -209,7 +223,23 @@ class Processor:
             ]  # fmt: skip
             sizes = [list(size) for _, size in tiled]
             return {"pixel_values": pixels, "image_sizes": sizes}, [tokens.image_token * n for n in counts]
+        if self.family == "llama3v":
+            return self._llama3v(images)
         return self._idefics3(images, per_text)
+
+    def _llama3v(self, images: list) -> tuple[dict, list[str]]:
+        """Every image's overview and slices as one list of slices of different sizes, zero-padded
+        at the bottom and right to the largest, with a mask of their real pixels."""
+        sliced = [llama3v_slices(img, self.slicing, self.image_config) for img in images]
+        flat = [s for slices, _ in sliced for s in slices]
+        height, width = max(s.shape[1] for s in flat), max(s.shape[2] for s in flat)
+        pixels = np.zeros((len(flat), 3, height, width), dtype=np.float32)
+        mask = np.zeros((len(flat), height, width), dtype=np.int64)
+        for i, s in enumerate(flat):
+            pixels[i, :, : s.shape[1], : s.shape[2]] = s
+            mask[i, : s.shape[1], : s.shape[2]] = 1
+        replacements = [llama3v_placeholder(grid, self.slicing.query_num, self.unk_token) for _, grid in sliced]
+        return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
 
     def _idefics3(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
         tokens = self.tokens
@@ -239,3 +269,30 @@ class Processor:
             )
             replacements.append(f"{grid}\n{fake}{glob}{run}{fake}")
         return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
+
+
+def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
+    """llama3v ships no preprocessor_config.json: MiniCPM-V normalises with mean = std = 0.5 after
+    scaling to [0, 1], resizes with bicubic, and takes the slicing settings from config.json."""
+    image_config = ImageConfig(processor_type="llama3v", resample=3, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    try:
+        slicing = SliceConfig(
+            scale_resolution=int(config.get("image_size", 448)), patch_size=int(config.get("patch_size", 14)),
+            max_slices=int(config.get("max_slice_nums", 9)), query_num=int(config.get("query_num", 96)),
+            slice_mode=bool(config.get("slice_mode", True)),
+        )  # fmt: skip
+    except (TypeError, ValueError):
+        raise ProcessorError(f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be integers") from None
+    if min(slicing.scale_resolution, slicing.patch_size, slicing.max_slices, slicing.query_num) < 1:
+        raise ProcessorError(f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be positive")
+    return image_config, slicing
+
+
+def _joined_content(message: dict, image_token: str) -> dict:
+    """llama3v's chat template takes each message's content as one string: a content list becomes
+    its parts joined by newlines, an image part as the image token (as MiniCPM-V's chat joins them)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = [image_token if part.get("type") == "image" else part.get("text", "") for part in content]
+    return {**message, "content": "\n".join(parts)}

@@ -7,6 +7,7 @@ stitch the tiles' features back together): both must agree to the token, so both
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -144,3 +145,92 @@ def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]
     elif height > width and height > MAX_SIDE:
         height, width = MAX_SIDE, int(MAX_SIDE * aspect)
     return max(height, 1), max(width, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# llama3v / MiniCPM-Llama3-V 2.5: LLaVA-UHD slicing
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """llama3v's slicing settings, from its config.json."""
+
+    scale_resolution: int = 448  # config.json's `image_size`: each slice holds about this squared in pixels
+    patch_size: int = 14
+    max_slices: int = 9  # `max_slice_nums`
+    query_num: int = 96  # tokens the resampler gives each slice (and the overview)
+    slice_mode: bool = True  # False: every image is one overview, never sliced
+
+
+def _multiple_of(length: float, unit: int) -> int:
+    """The nearest multiple of `unit` (Python's round: halves go to even), at least `unit`."""
+    return max(round(length / unit) * unit, unit)
+
+
+def minicpm_resize(width: float, height: float, config: SliceConfig, upscale: bool) -> tuple[int, int]:
+    """(width, height) scaled to about scale_resolution² pixels with the same aspect (only down,
+    unless `upscale`), each side then rounded to a multiple of the patch. MiniCPM's find_best_resize."""
+    scale = config.scale_resolution
+    if width * height > scale * scale or upscale:
+        aspect = width / height
+        height = int(scale / math.sqrt(aspect))
+        width = int(height * aspect)
+    return _multiple_of(width, config.patch_size), _multiple_of(height, config.patch_size)
+
+
+def slice_grid(width: int, height: int, config: SliceConfig) -> tuple[int, int] | None:
+    """(cols, rows) of slices for an image of this size, or None when it is not sliced.
+
+    The image needs about `area / scale_resolution²` slices (at most max_slices); among the grids
+    of that many slices, one fewer and one more (never a single slice), the one whose aspect ratio
+    is nearest the image's in log space wins, the first in (count, cols) order on a tie.
+    MiniCPM-V's slice_image.
+    """
+    area_ratio = width * height / config.scale_resolution**2
+    multiple = min(math.ceil(area_ratio), config.max_slices)
+    if multiple <= 1 or not config.slice_mode:
+        return None
+    counts = [n for n in (multiple - 1, multiple, multiple + 1) if 1 < n <= config.max_slices]
+    grids = [(cols, n // cols) for n in counts for cols in range(1, n + 1) if n % cols == 0]
+    log_aspect = math.log(width / height)
+    return min(grids, key=lambda grid: abs(log_aspect - math.log(grid[0] / grid[1])))
+
+
+def slice_sizes(width: int, height: int, config: SliceConfig) -> tuple[tuple[int, int], tuple[int, int] | None, tuple[int, int] | None]:
+    """(overview (w, h), grid (cols, rows) or None, one slice's (w, h) or None) for an image of this size.
+
+    An unsliced image is scaled (up or down) to about scale_resolution²; a sliced one's overview is
+    only scaled down. The slices come from the whole image scaled to cols x rows slices, each slice
+    about scale_resolution² and patch-aligned (MiniCPM's get_refine_size).
+    """
+    grid = slice_grid(width, height, config)
+    if grid is None:
+        return minicpm_resize(width, height, config, upscale=True), None, None
+    cols, rows = grid
+    overview = minicpm_resize(width, height, config, upscale=False)
+    cell_w, cell_h = _multiple_of(width, cols) / cols, _multiple_of(height, rows) / rows
+    return overview, grid, minicpm_resize(cell_w, cell_h, config, upscale=True)
+
+
+def llama3v_slices(image, config: SliceConfig, image_config: ImageConfig) -> tuple[list[np.ndarray], tuple[int, int] | None]:
+    """One RGB image -> (float32 (3, h, w) arrays: the overview, then the slices row by row; grid or None)."""
+    pixels = to_array(image)
+    height, width = pixels.shape[1:]
+    (over_w, over_h), grid, cell = slice_sizes(width, height, config)
+    out = [resize(pixels, over_h, over_w, image_config.resample)]
+    if grid is not None:
+        (cols, rows), (cell_w, cell_h) = grid, cell
+        refined = resize(pixels, rows * cell_h, cols * cell_w, image_config.resample)
+        out += [refined[:, r * cell_h : (r + 1) * cell_h, c * cell_w : (c + 1) * cell_w] for r in range(rows) for c in range(cols)]
+    return [rescale_normalize(p, image_config) for p in out], grid
+
+
+def llama3v_placeholder(grid: tuple[int, int] | None, query_num: int, unk: str = "<unk>") -> str:
+    """The text one image becomes: the overview as <image> + query_num <unk> + </image>, then for a
+    sliced image `<slice>`, each row of slices the same way, rows joined by newlines, `</slice>`.
+    Every <unk> is one resampler output: the model writes the features over them in this order."""
+    one = "<image>" + unk * query_num + "</image>"
+    if grid is None:
+        return one
+    cols, rows = grid
+    return one + "<slice>" + "\n".join(one * cols for _ in range(rows)) + "</slice>"

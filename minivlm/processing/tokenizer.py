@@ -233,9 +233,10 @@ class SentencePieceTokenizer(Tokenizer):
              if piece[:k] in vocab and piece[k:] in vocab),
             key=lambda pair: (vocab[pair[0] + pair[1]], len(pair[0])),
         )  # fmt: skip
-        # Control pieces (<s>, </s>) are special added tokens, user-defined pieces plain added ones.
-        added = {i: AddedToken(i, piece, kind == CONTROL) for i, (piece, kind) in enumerate(pieces)
-                 if kind in (CONTROL, USER_DEFINED)}  # fmt: skip
+        # The unknown piece (<unk>) and control pieces (<s>, </s>) are special added tokens, matched
+        # whole in the text as transformers matches them; user-defined pieces plain added ones.
+        added = {i: AddedToken(i, piece, kind != USER_DEFINED) for i, (piece, kind) in enumerate(pieces)
+                 if kind in (UNKNOWN, CONTROL, USER_DEFINED)}  # fmt: skip
         added.update(_config_added_tokens(config, vocab))
         return cls(vocab, merges, added, config, None, str(path))
 
