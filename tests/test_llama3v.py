@@ -187,6 +187,11 @@ SLICING = [
     # Overview 448x448. Cells: width 1100 -> 1101 / 3 = 367, height 550; h = int(448/sqrt(.66727)) = 548,
     # w = int(365.67) = 365 -> 364 x 546.
     ((1100, 1100), (448, 448), (3, 2), (364, 546)),
+    # 497x459: ratio 1.14 -> 2; grids of 2 and 3; ln 1.083 = .080 nearest ln 2 -> (2, 1). Overview:
+    # h = int(448/1.0406) = 430, w = int(465.6) = 465 -> 462 x 434. Cells: width 497 -> round(248.5) = 248
+    # (halves to even) * 2 = 496 / 2 = 248, height 459; h = int(448/sqrt(.5403)) = 609, w = int(329.05) = 329;
+    # 329/14 = 23.5 and 609/14 = 43.5 round to even: 24 and 44 -> 336 x 616.
+    ((497, 459), (462, 434), (2, 1), (336, 616)),
 ]
 
 
@@ -402,3 +407,36 @@ def test_bad_inputs_name_the_problem(checkpoint):
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 200}))
     with pytest.raises(minivlm.ConfigError, match="multiple of 128"):
         minivlm.load_model(broken)
+
+
+# The hub checkpoint's own facts (mustafaaljadery/llama3v): its config.json, some of its keys, and
+# the total_size its model.safetensors.index.json records (float32 bytes).
+HUB_CONFIG = {"attention_bias": False, "query_num": 96, "rms_norm_eps": 1e-5, "rope_scaling": None,
+              "rope_theta": 500000.0, "slice_mode": True, "tie_word_embeddings": False, "torch_dtype": "float16",
+              "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+              "image_size": 448, "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama3v",
+              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "patch_size": 14,
+              "vocab_size": 128256}  # fmt: skip
+HUB_KEYS = ["llm.lm_head.weight", "llm.model.embed_tokens.weight", "llm.model.norm.weight",
+            "llm.model.layers.31.self_attn.k_proj.weight", "projection.attn.in_proj_bias", "projection.attn.in_proj_weight",
+            "projection.attn.out_proj.weight", "projection.kv_proj.weight", "projection.ln_kv.bias", "projection.proj",
+            "projection.query", "vison.embeddings.patch_embedding.bias", "vison.embeddings.position_embedding.weight",
+            "vison.encoder.layers.26.self_attn.out_proj.weight", "vison.post_layernorm.weight"]  # fmt: skip
+HUB_TOTAL_SIZE = 34148369344
+
+
+def test_hub_config_builds_the_hub_checkpoint_exactly():
+    """The defaults llama3v's config.json leaves out (the so400m tower at 980 with 27 layers, the
+    resampler's widths) give a model of exactly the checkpoint's size, under its key names."""
+    from minivlm.config import VLMConfig
+    from minivlm.vlm import Llama3V
+    from minivlm.weights import LLAMA3V_KEYS
+
+    config = VLMConfig.from_hf(HUB_CONFIG)
+    with torch.device("meta"):
+        model = Llama3V(config)
+    state = model.state_dict()
+    assert sum(t.numel() for t in state.values()) * 4 == HUB_TOTAL_SIZE
+    assert all(LLAMA3V_KEYS.model_key(k) in state for k in HUB_KEYS)
+    assert config.text.eos_token_id == (128001, 128009) and config.image_token_id == 128002
+    assert config.connector.num_heads == 32 and config.connector.num_queries == 96
