@@ -5,17 +5,47 @@ signatures the kernels take over. Model code calls only these. Each mirrors the 
 transformers module named beside it (including where it casts), because that is what parity means:
 same dtype at the same step, not merely the same formula.
 
-`MINIVLM_KERNELS=0` will force this plain path once the kernels exist (see kernels/).
+Dispatch: RMSNorm, LayerNorm, RoPE and attention run minivlm's Triton kernels (`minivlm.kernels`)
+for CUDA tensors when triton imports, and this plain PyTorch otherwise. `MINIVLM_KERNELS=0` forces
+the plain path everywhere; `MINIVLM_KERNELS=1` forces the kernels even for CPU tensors, which
+triton runs only under `TRITON_INTERPRET=1` (slowly: that is for tests).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .config import RopeConfig
+
+
+@functools.cache
+def _triton_kernels():
+    """minivlm.kernels, or None when triton cannot be imported (no warning: the plain path serves)."""
+    try:
+        from . import kernels
+        from .kernels import attention, norms, rope  # noqa: F401  (loads the submodules onto `kernels`)
+    except ImportError:
+        return None
+    return kernels
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether an op on `x` runs the Triton kernel (see the module docstring)."""
+    flag = os.environ.get("MINIVLM_KERNELS", "")
+    if flag == "0":
+        return False
+    if flag == "1":
+        if _triton_kernels() is None:
+            raise RuntimeError("MINIVLM_KERNELS=1 but triton cannot be imported; install triton or unset it")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("MINIVLM_KERNELS=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        return True
+    return x.is_cuda and _triton_kernels() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,6 +54,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     The cast happens before the multiply by `weight`, so in bf16 the product is rounded twice; a
     kernel that multiplies in fp32 and rounds once is more accurate and would not match.
     """
+    if use_kernels(x):
+        return _triton_kernels().norms.rms_norm(x, weight, eps)
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -78,6 +110,8 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) by cos/sin (batch, seq, head_dim)."""
+    if use_kernels(q):
+        return _triton_kernels().rope.apply_rope(q, k, cos, sin)
     cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim): broadcast over heads
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -139,7 +173,13 @@ def attention(
     The arithmetic is transformers' `eager_attention_forward`: scores in the input dtype, masked
     keys set to the dtype's most negative finite value (so a query with no visible key, such as a
     left-padding position, averages all keys instead of producing NaN), softmax in fp32, cast back.
+    The Triton kernel keeps the scores in fp32 instead (closer to exact, not bit-equal in half
+    precision) and gives a query with no visible key the mean of the keys it scanned.
     """
+    if use_kernels(q):
+        return _triton_kernels().attention.attention(
+            q, k, v, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, scale=scale
+        )
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -170,6 +210,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim, as nn.LayerNorm (the vision towers)."""
+    if use_kernels(x):
+        return _triton_kernels().norms.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 

@@ -1,0 +1,11 @@
+"""Test-session setup that must happen before torch or triton is imported.
+
+Without a CUDA device, triton kernels run under triton's CPU interpreter, which reads
+TRITON_INTERPRET when triton is first imported: so it is set here, first. On a machine with a GPU
+the kernels run for real (set TRITON_INTERPRET=1 yourself to force the interpreter there).
+"""
+
+import os
+
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
