@@ -1,0 +1,82 @@
+"""Whole tiny models of every family through the Triton kernels (MINIVLM_KERNELS=1; under triton's
+CPU interpreter without a GPU) against transformers, with the parity tests' fp32 tolerance: the
+logits of a left-padded batch with images (real tokens), and greedy generation token for token,
+which runs the decode path of the attention kernel against a growing KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from test_generation import hf_generate
+from test_vlm import FP32_TOL, batch, rel_err
+
+import minivlm
+
+pytest.importorskip("triton", reason="the kernels need triton")
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("MINIVLM_KERNELS", "1")
+
+
+@pytest.mark.parametrize("name", sorted(VLM_CONFIGS))
+def test_vlm_through_kernels_matches_transformers(name, tmp_path):
+    hf = build_vlm_model(name)
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
+    ids, mask, inputs, _ = batch(name, hf, [2, 1])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions, **inputs).logits
+        ours = model(ids, attention_mask=mask, **inputs)
+    real = mask.bool()
+    assert rel_err(ours[real], theirs[real]) < FP32_TOL
+    one_ids, one_mask, one_inputs, _ = batch(name, hf, [1])
+    expected = hf_generate(hf, one_ids, one_mask, None, 0, **one_inputs)
+    assert torch.equal(minivlm.generate(model, one_ids, one_mask, max_new_tokens=expected.shape[1], **one_inputs), expected)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
+def test_text_model_through_kernels_matches_transformers(name, tmp_path):
+    hf = build_text_model(name)
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (2, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row (Mistral's window of 5 and Qwen2's of 4 slide past it)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ours = model(ids, attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(ours[real], theirs[real]) < FP32_TOL
+    expected = hf_generate(hf, ids, mask, None, 0)
+    assert torch.equal(minivlm.generate(model, ids, mask, max_new_tokens=expected.shape[1]), expected)
+
+
+def test_llama3v_through_kernels_matches_its_reference(tmp_path):
+    from test_llama3v import llama3v_checkpoint, photo, reference_greedy
+
+    ref = llama3v_checkpoint(tmp_path)
+    model, processor = minivlm.load_model(tmp_path), minivlm.load_processor(tmp_path)
+    inputs = processor(text="<image>What is it?", images=[photo(100, 50, 0)])
+    with torch.no_grad():
+        embeds = ref.embeds(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+        theirs = ref.llm(inputs_embeds=embeds).logits
+        ours = model(**inputs)
+    assert rel_err(ours, theirs) < FP32_TOL
+    expected = reference_greedy(ref, inputs, eos=[])
+    assert torch.equal(minivlm.generate(model, **inputs, max_new_tokens=expected.shape[1]), expected)
+
+
+def test_the_kernels_ran(monkeypatch):
+    """MINIVLM_KERNELS=1 does send the ops to the kernels (a dispatch that silently fell back
+    would make every test above pass vacuously)."""
+    from minivlm import ops
+    from minivlm.kernels import norms
+
+    calls = []
+    monkeypatch.setattr(norms, "rms_norm", lambda *a, **k: calls.append(1) or a[0])
+    ops.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)
+    assert calls
