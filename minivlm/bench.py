@@ -388,3 +388,13 @@ def add_parser(sub) -> None:
     tok.add_argument("--words", type=int, default=1_000_000)
     tok.add_argument("--repeats", type=int, default=3)
     tok.set_defaults(run=bench_tokenizer)
+
+    kernels = which.add_parser("kernels", help="the Triton kernels against torch eager and SDPA (CUDA)")
+    kernels.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    kernels.set_defaults(run=bench_kernels)
+
+
+def bench_kernels(args: argparse.Namespace) -> None:
+    from .kernels import bench
+
+    bench.run(args)

@@ -35,3 +35,13 @@ def test_bench_sentencepiece_tokenizer_runs():
 def test_bench_generate_runs_and_agrees_with_transformers():
     out = bench("generate", "--preset", "tiny", "--new-tokens", "4", "--text-tokens", "6", "--repeats", "1")
     assert "identical tokens: True" in out and "decode (tokens/s)" in out
+
+
+def test_bench_kernels_says_it_needs_cuda_without_one():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernel benchmark runs for real: that is for BENCHMARKS.md, not a test")
+    out = subprocess.run([sys.executable, "-m", "minivlm", "bench", "kernels"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "needs a CUDA device" in out.stderr and "Traceback" not in out.stderr
