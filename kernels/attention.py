@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-MASKED = -1.0e30
+MASKED = tl.constexpr(-1.0e30)
 # triton's CPU interpreter computes a half-precision tl.dot wrongly (triton 3.9); there the
 # operands go to fp32 first, which gives the same result (half-precision products are exact in fp32).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
