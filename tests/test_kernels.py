@@ -33,14 +33,18 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 72, 80, 128]
 
 
-def plain(fn, *args, **kwargs):
-    """fn through the plain-PyTorch path, whatever MINIVLM_KERNELS says."""
+def with_kernels(flag: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with MINIVLM_KERNELS set to `flag` ("0" plain PyTorch, "1" the kernels)."""
     old = os.environ.get("MINIVLM_KERNELS")
-    os.environ["MINIVLM_KERNELS"] = "0"
+    os.environ["MINIVLM_KERNELS"] = flag
     try:
         return fn(*args, **kwargs)
     finally:
         os.environ.pop("MINIVLM_KERNELS") if old is None else os.environ.__setitem__("MINIVLM_KERNELS", old)
+
+
+def plain(fn, *args, **kwargs):
+    return with_kernels("0", fn, *args, **kwargs)
 
 
 def poisoned(shape, dtype) -> torch.Tensor:
@@ -80,7 +84,7 @@ def test_rms_norm(dtype, width):
     norms.rms_norm(x, weight, 1e-6, out=out)
     assert_close(out, plain(ops.rms_norm, x, weight, 1e-6), dtype)
     strided = x.transpose(0, 1)  # rows that are not evenly spaced in memory
-    assert_close(ops_kernel(ops.rms_norm, strided, weight, 1e-6), plain(ops.rms_norm, strided, weight, 1e-6), dtype)
+    assert_close(with_kernels("1", ops.rms_norm, strided, weight, 1e-6), plain(ops.rms_norm, strided, weight, 1e-6), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -91,16 +95,6 @@ def test_layer_norm(dtype, width):
     out = poisoned((2, 13, width), dtype)
     norms.layer_norm(x, weight, bias, 1e-6, out=out)
     assert_close(out, plain(ops.layer_norm, x, weight, bias, 1e-6), dtype, fp32_tol=2e-6)
-
-
-def ops_kernel(fn, *args, **kwargs):
-    """fn through the kernel path (MINIVLM_KERNELS=1)."""
-    old = os.environ.get("MINIVLM_KERNELS")
-    os.environ["MINIVLM_KERNELS"] = "1"
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        os.environ.pop("MINIVLM_KERNELS") if old is None else os.environ.__setitem__("MINIVLM_KERNELS", old)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
