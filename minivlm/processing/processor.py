@@ -233,11 +233,7 @@ class Processor:
         sliced = [llama3v_slices(img, self.slicing, self.image_config) for img in images]
         flat = [s for slices, _ in sliced for s in slices]
         height, width = max(s.shape[1] for s in flat), max(s.shape[2] for s in flat)
-        pixels = np.zeros((len(flat), 3, height, width), dtype=np.float32)
-        mask = np.zeros((len(flat), height, width), dtype=np.int64)
-        for i, s in enumerate(flat):
-            pixels[i, :, : s.shape[1], : s.shape[2]] = s
-            mask[i, : s.shape[1], : s.shape[2]] = 1
+        pixels, mask = _padded(flat, len(flat), height, width)
         replacements = [llama3v_placeholder(grid, self.slicing.query_num, self.unk_token) for _, grid in sliced]
         return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
 
@@ -251,12 +247,8 @@ class Processor:
         most = max(len(g) for g in groups)
         height = max(t.shape[1] for g in groups for t in g)
         width = max(t.shape[2] for g in groups for t in g)
-        pixels = np.zeros((len(groups), most, 3, height, width), dtype=np.float32)
-        mask = np.zeros((len(groups), most, height, width), dtype=np.int64)
-        for b, group in enumerate(groups):
-            for i, t in enumerate(group):
-                pixels[b, i, :, : t.shape[1], : t.shape[2]] = t
-                mask[b, i, : t.shape[1], : t.shape[2]] = 1
+        padded = [_padded(group, most, height, width) for group in groups]  # each prompt's tiles, padded
+        pixels, mask = np.stack([p for p, _ in padded]), np.stack([m for _, m in padded])
         image, fake, glob = tokens.image_token, "<fake_token_around_image>", "<global-img>"
         run = image * tokens.image_seq_len
         replacements = []
@@ -269,6 +261,17 @@ class Processor:
             )
             replacements.append(f"{grid}\n{fake}{glob}{run}{fake}")
         return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
+
+
+def _padded(images: list[np.ndarray], count: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` slots of float32 (3, height, width) zeros with the images written into the first
+    ones at the top left, and an int64 (count, height, width) mask of their real pixels."""
+    pixels = np.zeros((count, 3, height, width), dtype=np.float32)
+    mask = np.zeros((count, height, width), dtype=np.int64)
+    for i, image in enumerate(images):
+        pixels[i, :, : image.shape[1], : image.shape[2]] = image
+        mask[i, : image.shape[1], : image.shape[2]] = 1
+    return pixels, mask
 
 
 def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
