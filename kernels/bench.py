@@ -17,18 +17,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _time(fn, repeats: int = 50) -> float:
-    """Median seconds of one call, by CUDA events, after warm-up."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    """Best seconds of one call on the GPU (minivlm.bench's timer, synchronising after each call)."""
+    from minivlm.bench import time_call
+
+    return time_call(fn, repeats, "cuda")
 
 
 def _with_kernels(flag: str, fn):
