@@ -8,6 +8,7 @@ transformers' LlamaForCausalLM."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -400,10 +401,8 @@ def test_bad_inputs_name_the_problem(checkpoint):
     with pytest.raises(ValueError, match="multiples of 14"):
         model(inputs["input_ids"], pixel_values=inputs["pixel_values"][..., :-1])
     config = json.loads((folder / "config.json").read_text())
-    broken = tmp = folder.parent / "broken_llama3v"
-    tmp.mkdir(exist_ok=True)
-    for f in folder.iterdir():
-        (tmp / f.name).write_bytes(f.read_bytes())
+    broken = folder.parent / "broken_llama3v"
+    shutil.copytree(folder, broken, dirs_exist_ok=True)
     (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 200}))
     with pytest.raises(minivlm.ConfigError, match="multiple of 128"):
         minivlm.load_model(broken)
