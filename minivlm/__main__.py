@@ -4,6 +4,7 @@
     chat       an interactive chat that keeps its KV cache between turns
     download   fetch a hub checkpoint into weights/
     bench      benchmarks against transformers, in the same process
+    parity     minivlm against transformers, layer by layer, on one checkpoint
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cli
+from . import bench, cli, parity
 from .config import ConfigError
 from .generation import GenerationError
+from .parity import ParityError
 from .processing.chat import ChatTemplateError
 from .processing.image import ImageError
 from .processing.processor import ProcessorError
@@ -22,8 +24,8 @@ from .weights import CheckpointError
 
 # Errors about the user's input or files: one line on stderr, no traceback. Anything else is a bug
 # of ours and keeps its traceback.
-USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ChatTemplateError, ImageError, ProcessorError,
-               TokenizerError)  # fmt: skip
+USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ChatTemplateError, ImageError, ParityError,
+               ProcessorError, TokenizerError)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,16 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parsers(sub)
     bench.add_parser(sub)
+    parity.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)  # None, or an exit status (parity: 1 when the models part)
     except USER_ERRORS as e:
         print(f"minivlm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %
             "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}")  # llama3v's own template  # fmt: skip
 
 
-def hf_tower(seed: int = 0) -> Idefics2VisionTransformer:
+def hf_tower(seed: int = 0, vision: dict = VISION) -> Idefics2VisionTransformer:
     torch.manual_seed(seed)
-    config = Idefics2VisionConfig(**VISION)
+    config = Idefics2VisionConfig(**vision)
     config._attn_implementation = "eager"
     return randomize_(Idefics2VisionTransformer(config)).eval()
 
@@ -252,10 +252,13 @@ class ReferenceLlama3V:
         return embeds
 
 
-def llama3v_checkpoint(folder) -> ReferenceLlama3V:
+def llama3v_checkpoint(folder, image_size: int = 56, vision: dict = VISION, queries: int = QUERIES) -> ReferenceLlama3V:
     """A complete tiny llama3v checkpoint folder, in the hub repository's layout (llm./vison./projection.
     keys in two shards with an index, top-level Llama fields in config.json, tokenizer with <unk>,
-    <image>, <slice> and the llama3v chat template); returns the reference model of it."""
+    <image>, <slice> and the llama3v chat template); returns the reference model of it.
+
+    image_size is the slices' size (448 on the hub), vision the tower's config, queries the
+    resampler's query count (96 on the hub)."""
     build("llama3v", folder)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config.update(chat_template=TEMPLATE, pad_token="!")
@@ -267,8 +270,8 @@ def llama3v_checkpoint(folder) -> ReferenceLlama3V:
                                     eos_token_id=tok.convert_tokens_to_ids("<|end_of_text|>"))  # fmt: skip
     torch.manual_seed(0)
     llm = randomize_(transformers.LlamaForCausalLM(text)).eval()
-    tower = hf_tower(seed=1)
-    resampler = reference_resampler(QUERIES, 256, 2, VISION["hidden_size"], seed=2)
+    tower = hf_tower(seed=1, vision=vision)
+    resampler = reference_resampler(queries, 256, 2, vision["hidden_size"], seed=2)
     tensors = {f"llm.{k}": v for k, v in llm.state_dict().items()}
     tensors.update({f"vison.{k}": v for k, v in tower.state_dict().items()})
     tensors.update({f"projection.{k}": v for k, v in resampler.state_dict().items()})
@@ -278,11 +281,11 @@ def llama3v_checkpoint(folder) -> ReferenceLlama3V:
         "model_type": "llama3v", "architectures": ["Llama3v"], "hidden_size": 256, "intermediate_size": 320,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0, "rope_scaling": None, "max_position_embeddings": 8192, "vocab_size": len(tok),
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32", "query_num": QUERIES,
-        "image_size": 56, "patch_size": 14, "slice_mode": True, "bos_token_id": tok.bos_token_id,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32", "query_num": queries,
+        "image_size": image_size, "patch_size": 14, "slice_mode": True, "bos_token_id": tok.bos_token_id,
         "eos_token_id": text.eos_token_id,
         # The tiny tower and the tiny vocabulary's <unk>; the real checkpoint relies on the defaults.
-        "vision_config": VISION, "image_token_id": unk,
+        "vision_config": vision, "image_token_id": unk,
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     eos = [text.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")]

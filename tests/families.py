@@ -1,0 +1,99 @@
+"""A complete tiny checkpoint folder of every family at the real image geometry.
+
+The folders hold what a hub repository holds: tokenizer, processor settings, chat template,
+generation config and random weights in the hub's key layout. Widths and depths are tiny, so a
+forward pass takes a moment on a CPU, but image sizes, patch sizes, tile grids, NeXT's pinpoints
+and llama3v's slicing are the real ones: the image-token counts are the real counts.
+
+Used by the parity command's tests and by the notebooks (when weights/ holds no real checkpoint).
+Built with transformers, like every test checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from checkpoints import randomize_, save_checkpoint
+from test_llama3v import llama3v_checkpoint
+from test_processor import FAMILIES as PROCESSORS
+from test_sentencepiece import build_llava15
+from test_tokenizer import build as build_bpe
+
+transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would fill notebook outputs
+
+CLIP_L = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=160, num_hidden_layers=3,
+              num_attention_heads=2, image_size=336, patch_size=14)  # head_dim 64 as CLIP-L; 577 tokens
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160, num_hidden_layers=2,
+              num_attention_heads=2, image_size=384, patch_size=14)  # head_dim 72 as so400m; 729 tokens
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
+
+# family -> (tokenizer, the processor of tests/test_processor.py, the checkpoint's hub name)
+FAMILIES = {
+    "llava-1.5": ("sentencepiece", "llava15", "llava-1.5-7b-hf"),
+    "llava-next": ("qwen2", "next", "llava-v1.6-mistral-7b-hf"),
+    "llava-interleave": ("qwen2", "interleave", "llava-interleave-qwen-0.5b-hf"),
+    "idefics3": ("smollm2", "idefics3", "SmolVLM-256M-Instruct"),
+    "llama3v": ("llama3v", None, "llama3v"),
+    "qwen2-text": ("qwen2", None, "Qwen1.5-0.5B-Chat"),  # a text-only decoder
+}
+
+
+def text_config(tok, **extra) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, **extra)  # fmt: skip
+
+
+def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
+    image = tok.convert_tokens_to_ids("<image>")
+    if family == "llava-1.5":
+        return transformers.LlavaConfig(vision_config=CLIP_L, text_config=dict(model_type="llama", **text_config(tok)),
+                                        image_token_index=image, vision_feature_layer=-2,
+                                        vision_feature_select_strategy="default")  # fmt: skip
+    if family == "llava-next":
+        return transformers.LlavaNextConfig(vision_config=CLIP_L, text_config=dict(model_type="mistral", **text_config(tok)),
+                                            image_token_index=image, image_grid_pinpoints=NEXT_PINPOINTS,
+                                            vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    if family == "llava-interleave":
+        return transformers.LlavaConfig(vision_config=SIGLIP,
+                                        text_config=dict(model_type="qwen2", tie_word_embeddings=True, **text_config(tok)),
+                                        image_token_index=image, vision_feature_layer=-1,
+                                        vision_feature_select_strategy="full")  # fmt: skip
+    if family == "idefics3":  # SmolVLM's 364-pixel tiles of 26x26 patches, shuffled by 2: 169 tokens a tile
+        vision = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=364, patch_size=14)  # fmt: skip
+        return transformers.Idefics3Config(vision_config=vision, text_config=dict(model_type="llama", **text_config(tok)),
+                                           image_token_id=image, scale_factor=2)  # fmt: skip
+    raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+
+
+def tiny_checkpoint(family: str, folder: str | Path) -> Path:
+    """Write the tiny checkpoint of `family` into `folder` and return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, processor, _ = FAMILIES[family]
+    if family == "llama3v":  # 448-pixel slices, MiniCPM-V's 70x70 position grid and 96 queries
+        vision = dict(hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=980, patch_size=14)  # fmt: skip
+        llama3v_checkpoint(folder, image_size=448, vision=vision, queries=96)
+        return folder
+    if tokenizer == "sentencepiece":
+        build_llava15(folder)
+    else:
+        build_bpe(tokenizer, folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = tok.pad_token or "<|endoftext|>"
+    torch.manual_seed(0)
+    if family == "qwen2-text":
+        config = transformers.Qwen2Config(**text_config(tok))
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        PROCESSORS[processor](tok).save_pretrained(folder)
+        config = vlm_config(family, tok)
+        model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
+    save_checkpoint(randomize_(model).eval(), folder, layout="hub")
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return folder
