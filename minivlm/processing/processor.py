@@ -51,6 +51,10 @@ class ImageTokens:
     num_additional_image_tokens: int = 0  # LLaVA: the CLS position the tower adds
     drop_cls: bool = True  # vision_feature_select_strategy "default"
     image_seq_len: int = 169  # Idefics3: tokens per tile
+    # LLaVA-1.5 / Interleave: a connector that merges pool x pool patches into one token (a pixel
+    # shuffle, a pooling) leaves (side / pool)^2 tokens per image. 1 for every hub checkpoint; the
+    # README's connector-swap recipe sets it.
+    pool: int = 1
 
 
 class Processor:
@@ -204,9 +208,12 @@ class Processor:
         if not images:
             return {}, []
         config, tokens = self.image_config, self.tokens
+        if tokens.pool != 1 and self.family != "llava":
+            raise ProcessorError(f"pool {tokens.pool}: a pooling connector is supported for LLaVA's one-view images, not {self.family}")
         if self.family == "llava":
             pixels = np.stack([preprocess_single(img, config) for img in images])
-            n = (pixels.shape[2] // tokens.patch_size) * (pixels.shape[3] // tokens.patch_size)
+            side = tokens.patch_size * tokens.pool  # the pixels one token covers
+            n = (pixels.shape[2] // side) * (pixels.shape[3] // side)
             n += tokens.num_additional_image_tokens - (1 if tokens.drop_cls else 0)
             return {"pixel_values": pixels}, [tokens.image_token * n] * len(images)
         if self.family == "llava_next":
