@@ -5,7 +5,8 @@ generation config and random weights in the hub's key layout. Widths and depths 
 forward pass takes a moment on a CPU, but image sizes, patch sizes, tile grids, NeXT's pinpoints
 and llama3v's slicing are the real ones: the image-token counts are the real counts.
 
-Used by the parity command's tests and by the notebooks (when weights/ holds no real checkpoint).
+Used by the tests of `minivlm parity` and the README's recipe, and by the notebooks (when weights/
+holds no real checkpoint).
 Built with transformers, like every test checkpoint.
 """
 
@@ -30,14 +31,14 @@ SIGLIP = dict(model_type="siglip_vision_model", hidden_size=144, intermediate_si
               num_attention_heads=2, image_size=384, patch_size=14)  # head_dim 72 as so400m; 729 tokens
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
 
-# family -> (tokenizer, the processor of tests/test_processor.py, the checkpoint's hub name)
+# family -> (its tokenizer, its processor in tests/test_processor.py)
 FAMILIES = {
-    "llava-1.5": ("sentencepiece", "llava15", "llava-1.5-7b-hf"),
-    "llava-next": ("qwen2", "next", "llava-v1.6-mistral-7b-hf"),
-    "llava-interleave": ("qwen2", "interleave", "llava-interleave-qwen-0.5b-hf"),
-    "idefics3": ("smollm2", "idefics3", "SmolVLM-256M-Instruct"),
-    "llama3v": ("llama3v", None, "llama3v"),
-    "qwen2-text": ("qwen2", None, "Qwen1.5-0.5B-Chat"),  # a text-only decoder
+    "llava-1.5": ("sentencepiece", "llava15"),
+    "llava-next": ("qwen2", "next"),
+    "llava-interleave": ("qwen2", "interleave"),
+    "idefics3": ("smollm2", "idefics3"),
+    "llama3v": ("llama3v", None),
+    "qwen2-text": ("qwen2", None),  # a text-only decoder
 }
 
 
@@ -61,7 +62,7 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
                                         text_config=dict(model_type="qwen2", tie_word_embeddings=True, **text_config(tok)),
                                         image_token_index=image, vision_feature_layer=-1,
                                         vision_feature_select_strategy="full")  # fmt: skip
-    if family == "idefics3":  # SmolVLM's 364-pixel tiles of 26x26 patches, shuffled by 2: 169 tokens a tile
+    if family == "idefics3":  # Idefics3-8B's 364-pixel tiles of 26x26 patches, shuffled by 2: 169 tokens a tile
         vision = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
                       image_size=364, patch_size=14)  # fmt: skip
         return transformers.Idefics3Config(vision_config=vision, text_config=dict(model_type="llama", **text_config(tok)),
@@ -73,7 +74,7 @@ def tiny_checkpoint(family: str, folder: str | Path) -> Path:
     """Write the tiny checkpoint of `family` into `folder` and return the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer, processor, _ = FAMILIES[family]
+    tokenizer, processor = FAMILIES[family]
     if family == "llama3v":  # 448-pixel slices, MiniCPM-V's 70x70 position grid and 96 queries
         vision = dict(hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
                       image_size=980, patch_size=14)  # fmt: skip
@@ -90,7 +91,10 @@ def tiny_checkpoint(family: str, folder: str | Path) -> Path:
         config = transformers.Qwen2Config(**text_config(tok))
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     else:
-        PROCESSORS[processor](tok).save_pretrained(folder)
+        processor = PROCESSORS[processor](tok)
+        if family == "idefics3":  # Idefics3-8B resizes the longest side to 4 x 364: up to 4x4 tiles
+            processor.image_processor.size = {"longest_edge": 4 * 364}
+        processor.save_pretrained(folder)
         config = vlm_config(family, tok)
         model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
     save_checkpoint(randomize_(model).eval(), folder, layout="hub")
