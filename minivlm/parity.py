@@ -261,7 +261,8 @@ def run_parity(args: argparse.Namespace) -> int:
     print(format_table(rows, tolerance))
     first = first_divergence(rows, tolerance)
     if first is None:
-        print(f"all {len(rows)} stages agree within {tolerance:g}")
+        compared = sum(1 for row in rows if not row.note)
+        print(f"all {compared} compared stages agree within {tolerance:g}")
         return 0
     where = first.note or (f"max rel {first.rel:.2e} > {tolerance:g}; the first element beyond it is "
                            f"{list(first.first)}, the largest difference at {list(first.at)}")  # fmt: skip
