@@ -157,6 +157,7 @@ def compare(
             rows.append(Row(stage, tuple(b.shape), note=f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"))
             continue
         diff = (a.float() - b.float()).abs().flatten()
+        diff = diff.nan_to_num(nan=float("inf"))  # a NaN on either side is a divergence, not a pass
         scale = float(b.float().abs().max()) or 1.0
         worst = int(diff.argmax())
         beyond = (diff > tolerance * scale).nonzero()
@@ -256,7 +257,8 @@ def run_parity(args: argparse.Namespace) -> int:
     log(f"{folder}: {model_type}, {dtype}, {inputs['input_ids'].shape[1]} tokens, {len(images)} image(s)")
 
     rows = compare(ours, theirs, model_type, inputs, tolerance)
-    print(f"minivlm vs transformers {__import__('transformers').__version__} on {folder.name} ({dtype}); "
+    version = sys.modules["transformers"].__version__  # imported by load_transformers
+    print(f"minivlm vs transformers {version} on {folder.name} ({dtype}); "
           f"max rel = max |ours - theirs| / max |theirs| per stage; tolerance {tolerance:g}")  # fmt: skip
     print(format_table(rows, tolerance))
     first = first_divergence(rows, tolerance)
@@ -267,5 +269,4 @@ def run_parity(args: argparse.Namespace) -> int:
     where = first.note or (f"max rel {first.rel:.2e} > {tolerance:g}; the first element beyond it is "
                            f"{list(first.first)}, the largest difference at {list(first.at)}")  # fmt: skip
     print(f"first divergence: {first.stage.label} ({first.stage.ours} / {first.stage.theirs}): {where}")
-    sys.stdout.flush()
     return 1

@@ -82,6 +82,20 @@ def test_a_perturbed_layer_is_named(folders, stage, capsys, monkeypatch):
     assert "beyond" in rows[stage] and "beyond" in rows["logits"]
 
 
+def test_nan_is_a_divergence(folders, capsys, monkeypatch):
+    original = load.load_model
+
+    def broken(*args, **kwargs):
+        model = original(*args, **kwargs)
+        with torch.no_grad():
+            model.language_model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(load, "load_model", broken)
+    assert main(["parity", "--model", str(folders["llava-interleave"])]) == 1
+    assert re.search(r"^first divergence: decoder layer 0 \(", capsys.readouterr().out, re.M)
+
+
 def test_images_from_files(folders, capsys, tmp_path):
     from PIL import Image
 
