@@ -20,17 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Where our modules sit in transformers' module tree, per config.json model_type: prefix rewrites,
-# applied in order. Our names keep transformers' leaf names; only the nesting differs.
-LLAVA_TREE = [("vision_tower.", "model.vision_tower."), ("multi_modal_projector", "model.multi_modal_projector"),
-              ("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head")]  # fmt: skip
-HF_TREES = {
-    "llava": LLAVA_TREE,
-    "llava_next": LLAVA_TREE,
-    "idefics3": [("vision_tower.", "model.vision_model."), ("multi_modal_projector", "model.connector"),
-                 ("language_model.model.", "model.text_model."), ("language_model.lm_head", "lm_head")],
-    "llama": [], "mistral": [], "qwen2": [],  # text-only: the same tree
-}  # fmt: skip
+from .weights import KeyTable
+
+# The model_types transformers has a class for. Its module names map onto ours through the
+# family's key table in weights.py: the rows that load transformers 5's state dicts also name its
+# modules, since a parameter's key is its module's name plus the parameter's.
+TWINS = ("llava", "llava_next", "idefics3", "llama", "mistral", "qwen2")
 TEXT_ONLY = ("llama", "mistral", "qwen2")
 
 # The stages compared, as patterns over our module names, in the order a forward pass runs them.
@@ -58,7 +53,7 @@ class ParityError(ValueError):
 class Stage:
     label: str  # "decoder layer 3"
     ours: str  # our module's name
-    theirs: str  # transformers' module's name
+    theirs: str | None  # transformers' module's name; None when it has no twin
     where: str  # "output" or "input"
 
 
@@ -76,32 +71,30 @@ class Row:
         return bool(self.note.startswith("shapes")) or self.rel > tolerance
 
 
-def hf_tree(model_type: str) -> list[tuple[str, str]]:
+def check_twin(model_type: str) -> None:
     if model_type == "llama3v":
         raise ParityError(
             "transformers has no llama3v (MiniCPM-Llama3-V 2.5) model: it runs only as remote code. "
             "tests/test_llama3v.py checks each part against references built from transformers and torch"
         )
-    if model_type not in HF_TREES:
-        raise ParityError(f"model_type {model_type!r}: minivlm parity knows transformers' twins of {sorted(HF_TREES)}")
-    return HF_TREES[model_type]
+    if model_type not in TWINS:
+        raise ParityError(f"model_type {model_type!r}: minivlm parity knows transformers' twins of {sorted(TWINS)}")
 
 
-def stages_of(model: nn.Module, model_type: str) -> list[Stage]:
-    """The stages of our model, with their names in transformers' tree."""
-    tree = hf_tree(model_type)
-    names = [name for name, _ in model.named_modules()]
+def stages_of(ours: nn.Module, theirs: nn.Module, keys: KeyTable) -> list[Stage]:
+    """The stages of our model, each with the name of its twin in transformers' model (or None)."""
+    twin = {}  # our module name -> transformers' module name
+    for name, _ in theirs.named_modules():
+        mapped = keys.model_key(name + ".")  # the key table's rows match prefixes that end in "."
+        if mapped is not None:
+            twin.setdefault(mapped.removesuffix("."), name)
+    names = [name for name, _ in ours.named_modules()]
     out = []
     for pattern, where, label in STAGES:
         for name in names:
             m = re.fullmatch(pattern, name)
             if m:
-                theirs = name
-                for ours_prefix, their_prefix in tree:
-                    if theirs.startswith(ours_prefix):
-                        theirs = their_prefix + theirs[len(ours_prefix) :]
-                        break
-                out.append(Stage(label.format(*m.groups()), name, theirs, where))
+                out.append(Stage(label.format(*m.groups()), name, twin.get(name), where))
     return out
 
 
@@ -112,7 +105,7 @@ def record(model: nn.Module, stages: list[Stage], side: str) -> tuple[dict[str, 
     handles = []
     for stage in stages:
         name = getattr(stage, side)
-        if name not in modules:
+        if name is None or name not in modules:
             continue
 
         def keep(value, label=stage.label):
@@ -133,10 +126,11 @@ def record(model: nn.Module, stages: list[Stage], side: str) -> tuple[dict[str, 
 
 
 def compare(
-    ours: nn.Module, theirs: nn.Module, model_type: str, inputs: dict[str, torch.Tensor], tolerance: float
+    ours: nn.Module, theirs: nn.Module, keys: KeyTable, inputs: dict[str, torch.Tensor], tolerance: float
 ) -> list[Row]:
-    """Run both models on `inputs` and compare every stage. Returns one row per stage, in order."""
-    stages = stages_of(ours, model_type)
+    """Run both models on `inputs` and compare every stage. Returns one row per stage, in order.
+    `keys` is the family's key table, which names transformers' modules in ours."""
+    stages = stages_of(ours, theirs, keys)
     our_values, our_hooks = record(ours, stages, "ours")
     their_values, their_hooks = record(theirs, stages, "theirs")
     try:
@@ -235,7 +229,7 @@ def run_parity(args: argparse.Namespace) -> int:
     from .cli import _prompt, log
     from .config import read_config
     from .hub import resolve_checkpoint
-    from .load import load_model, load_processor, parse_dtype
+    from .load import FAMILIES, load_model, load_processor, parse_dtype
     from .processing.image import load_image
 
     dtype = parse_dtype(args.dtype)
@@ -243,7 +237,7 @@ def run_parity(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.model)
     model_type = read_config(folder).get("model_type")
     # What cannot be compared fails here, before minutes of loading.
-    hf_tree(model_type)
+    check_twin(model_type)
     if model_type in TEXT_ONLY and args.image:
         raise ParityError(f"{folder} holds a text-only {model_type} model; it takes no --image")
     images = [load_image(path) for path in args.image]
@@ -256,7 +250,7 @@ def run_parity(args: argparse.Namespace) -> int:
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     log(f"{folder}: {model_type}, {dtype}, {inputs['input_ids'].shape[1]} tokens, {len(images)} image(s)")
 
-    rows = compare(ours, theirs, model_type, inputs, tolerance)
+    rows = compare(ours, theirs, FAMILIES[model_type].keys, inputs, tolerance)
     version = sys.modules["transformers"].__version__  # imported by load_transformers
     print(f"minivlm vs transformers {version} on {folder.name} ({dtype}); "
           f"max rel = max |ours - theirs| / max |theirs| per stage; tolerance {tolerance:g}")  # fmt: skip
