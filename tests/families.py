@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from checkpoints import randomize_, save_checkpoint
+from checkpoints import CLIP, SIGLIP, randomize_, save_checkpoint
 from test_llama3v import llama3v_checkpoint
 from test_processor import FAMILIES as PROCESSORS
 from test_sentencepiece import build_llava15
@@ -25,10 +25,8 @@ from test_tokenizer import build as build_bpe
 
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would fill notebook outputs
 
-CLIP_L = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=160, num_hidden_layers=3,
-              num_attention_heads=2, image_size=336, patch_size=14)  # head_dim 64 as CLIP-L; 577 tokens
-SIGLIP = dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160, num_hidden_layers=2,
-              num_attention_heads=2, image_size=384, patch_size=14)  # head_dim 72 as so400m; 729 tokens
+CLIP_L = dict(CLIP, image_size=336)  # the tests' tiny CLIP (head_dim 64) on CLIP-L-336's 577 tokens
+SIGLIP_384 = dict(SIGLIP, image_size=384)  # the tests' tiny SigLIP (head_dim 72) on so400m's 729 tokens
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
 
 # family -> (its tokenizer, its processor in tests/test_processor.py)
@@ -58,7 +56,7 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
                                             image_token_index=image, image_grid_pinpoints=NEXT_PINPOINTS,
                                             vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
     if family == "llava-interleave":
-        return transformers.LlavaConfig(vision_config=SIGLIP,
+        return transformers.LlavaConfig(vision_config=SIGLIP_384,
                                         text_config=dict(model_type="qwen2", tie_word_embeddings=True, **text_config(tok)),
                                         image_token_index=image, vision_feature_layer=-1,
                                         vision_feature_select_strategy="full")  # fmt: skip
