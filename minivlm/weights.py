@@ -124,16 +124,13 @@ def find_tensors(folder: Path) -> dict[str, TensorEntry]:
     """Every tensor of a checkpoint folder: `model.safetensors`, or the shards its index names."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = _shards_from_index(folder, index)
+        files = _shards_from_index(folder, checkpoint_file(folder, index.name))
     elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
+        files = [checkpoint_file(folder, "model.safetensors")]
     else:
-        files = sorted(folder.glob("*.safetensors"))
+        files = [checkpoint_file(folder, file.name) for file in sorted(folder.glob("*.safetensors"))]
         if not files:
-            raise CheckpointError(
-                f"{folder}: no model.safetensors, no model.safetensors.index.json and no *.safetensors file "
-                "(minivlm reads safetensors only; convert .bin/.pt checkpoints first)"
-            )
+            raise CheckpointError(_no_weights_message(folder))
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         for name, entry in read_header(file).items():
@@ -150,17 +147,93 @@ def _shards_from_index(folder: Path, index: Path) -> list[Path]:
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
-    root = folder.resolve()
-    shards = []
-    for name in sorted(set(weight_map.values())):
-        path = (folder / str(name)).resolve()
-        # An index is data from the internet: it must not make us read files elsewhere on disk.
-        if path.parent != root:
-            raise CheckpointError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}")
+    shards: dict[Path, Path] = {}  # the file a shard resolves to -> its path in the folder
+    for name in sorted(set(map(str, weight_map.values()))):
+        path = checkpoint_file(folder, name, named_by=index)
         if not path.is_file():
             raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}")
-        shards.append(path)
-    return shards
+        shards.setdefault(path.resolve(), path)  # two spellings of one file ('a', './a') read it once
+    return list(shards.values())
+
+
+def _no_weights_message(folder: Path) -> str:
+    """What to say of a folder without a safetensors file: convert, or finish the download."""
+    found = "no model.safetensors, no model.safetensors.index.json and no *.safetensors file"
+    others = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth") for f in folder.glob(pattern))
+    if others:
+        return (f"{folder}: no weights found ({found}, only {others}); "
+                "minivlm reads safetensors only: convert .bin/.pt checkpoints first")  # fmt: skip
+    repo = hub_cache_repo(folder)
+    is_model = repo is not None and repo.name.startswith("models--")
+    hub_id = repo.name.removeprefix("models--").replace("--", "/") if is_model else "<hub id>"
+    return (f"{folder}: no weights found ({found}); was the download interrupted? "
+            f"Run `python -m minivlm download {hub_id}` and load the folder it prints")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Which files a checkpoint folder may make us read
+#
+# The rule, stated once. An index is data from the internet and a folder may be full of symlinks;
+# neither may make minivlm read (and echo in errors, or load as tensors) a file elsewhere on disk.
+# So every weights file, named by the index or found in the folder:
+#   1. lies inside the folder by its name as written: not absolute, no `..` (checked before any
+#      symlink is followed, so a name cannot climb out through a symlinked folder either);
+#   2. after its symlinks are resolved, lies inside the folder itself, or, when the folder is a
+#      snapshot in huggingface_hub's cache, inside that same cache repo's blobs/: the cache stores
+#      CACHE/models--ORG--NAME/{blobs/SHA, snapshots/COMMIT/FILE -> ../../blobs/SHA, refs/main},
+#      so there every file is a symlink out of the snapshot folder, into blobs/.
+# Anything else (a symlink to /etc/passwd, or to another cache repo's blobs) is refused.
+
+HUB_CACHE_REPO = re.compile(r"(models|datasets|spaces)--.+")
+
+
+def hub_cache_repo(folder: Path) -> Path | None:
+    """The cache repo folder (CACHE/models--ORG--NAME) when `folder` is one of its snapshots
+    (CACHE/models--ORG--NAME/snapshots/COMMIT), else None."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and HUB_CACHE_REPO.fullmatch(folder.parent.parent.name):
+        return folder.parent.parent
+    return None
+
+
+def may_read(folder: Path, target: Path) -> bool:
+    """Whether `target`, a path with every symlink resolved, is a file the checkpoint in `folder`
+    may be read from: inside the folder itself, or inside the blobs/ of the hub cache repo that
+    `folder` is a snapshot of."""
+    roots = [folder.resolve()]
+    repo = hub_cache_repo(folder)
+    if repo is not None:
+        roots.append((repo / "blobs").resolve())
+    return any(target.is_relative_to(root) for root in roots)
+
+
+def checkpoint_file(folder: Path, name: str, named_by: Path | None = None) -> Path:
+    """`folder / name`, a file of the checkpoint, once the rule above allows it.
+
+    `named_by` is the index that named the file, for the error message. The path returned is the
+    unresolved one, so that later errors name the file as the user knows it, not a blob's hash.
+    """
+    source = f"{named_by}: shard {name!r}" if named_by is not None else f"{folder / name}"
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(
+            f"{source} lies outside the checkpoint folder {folder} "
+            "(an index may only name files in the folder: no absolute path, no '..')"
+        )
+    path = folder / name
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{source}: cannot resolve its symlinks ({e})") from None
+    if not may_read(folder, target):
+        where = f"the checkpoint folder {folder}"
+        repo = hub_cache_repo(folder)
+        if repo is not None:
+            where += f" and outside its hub cache repo's {repo / 'blobs'}"
+        raise CheckpointError(
+            f"{source} lies outside {where}: it resolves to {target}; "
+            "a checkpoint's files must be in its folder (or, for a hub cache snapshot, in that repo's blobs/)"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
