@@ -130,6 +130,11 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(TokenizerError, match=r"model type 'Unigram'; BPETokenizer reads byte-level BPE"):
         load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True, "vocab": {}}}))
-    with pytest.raises(TokenizerError, match=r"lacks 256 of the 256 byte pieces <0x00>..<0xFF>"):
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=r"merge 'a' \+ 'b' needs 'ab', which is not in the vocab"):
+        load_tokenizer(tmp_path)
+    spec["model"].update(vocab={"a": 0, "b": 1, "ab": 2}, continuing_subword_prefix="##")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=r"continuing_subword_prefix '##' is not supported"):
         load_tokenizer(tmp_path)

@@ -1,0 +1,167 @@
+"""What every tokenizer shares: added tokens, the special ids around a sequence, decoding, streaming.
+
+transformers (through the tokenizers library) first cuts the raw text at its added tokens
+(`<|im_start|>`, `<image>`, ...), hands each piece between them to the model's own pipeline, and
+puts the post-processor's special ids (BOS, ...) around the result. A subclass supplies the
+pipeline: `_encode_text` (text -> ids) and `token_bytes` (id -> the bytes it stands for).
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file minivlm cannot read; the message names the file and the part."""
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    id: int
+    content: str
+    special: bool
+    lstrip: bool = False  # the token swallows whitespace on its left
+    rstrip: bool = False  # ... and on its right
+    single_word: bool = False  # matches only where no word character touches it
+
+
+def added_token(i: int | str, entry: dict[str, Any]) -> AddedToken:
+    """An added token as tokenizer.json's `added_tokens` and tokenizer_config.json's `added_tokens_decoder` write one."""
+    flags = {name: bool(entry.get(name)) for name in ("special", "lstrip", "rstrip", "single_word")}
+    return AddedToken(int(i), entry["content"], **flags)
+
+
+class AddedTokenMatcher:
+    """Finds added tokens left to right, the longest at each position (tokenizers' leftmost-longest
+    Aho-Corasick); an lstrip/rstrip token also takes the whitespace beside it."""
+
+    def __init__(self, tokens):
+        tokens = sorted(tokens, key=lambda t: -len(t.content))  # the alternation tries the longest first
+        self.by_content = {t.content: t for t in tokens}
+        self.regex = re.compile("|".join(re.escape(t.content) for t in tokens))
+
+    def finditer(self, text: str):
+        """(start, end, token) for each match, the span widened by its stripped whitespace."""
+        for m in self.regex.finditer(text):
+            token = self.by_content[m.group(0)]
+            start, end = m.start(), m.end()
+            if token.single_word and (_is_word_char(text, start - 1) or _is_word_char(text, end)):
+                continue
+            while token.lstrip and start > 0 and text[start - 1].isspace():
+                start -= 1
+            while token.rstrip and end < len(text) and text[end].isspace():
+                end += 1
+            yield start, end, token
+
+
+def _is_word_char(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")
+
+
+class Tokenizer:
+    """Added tokens matched in the raw text first, the text between them encoded by the subclass,
+    the post-processor's ids around the sequence, and special tokens skipped on decode."""
+
+    strip_first_space = False  # SentencePiece's decoder drops the space its encoder put in front
+    padding_side = "right"  # where transformers' tokenizer class pads when the config does not say
+
+    def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int],
+                 suffix: list[int]):  # fmt: skip
+        self.added = added
+        self.token_to_id = token_to_id
+        self.prefix, self.suffix = prefix, suffix
+        self._added = AddedTokenMatcher(added.values()) if added else None
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.token_to_id.values()) + 1
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> ids: added tokens matched first, the text between them encoded by the model."""
+        ids: list[int] = []
+        for start, segment, added in self._split_added(text):
+            if added is not None:
+                ids.append(added)
+            elif segment:
+                ids.extend(self._encode_text(segment, at_start=start == 0))
+        return self.prefix + ids + self.suffix if add_special_tokens else ids
+
+    def _split_added(self, text: str):
+        """(offset, text, None) and (offset, "", added id) pieces, left to right."""
+        start = 0
+        for m_start, m_end, token in self._added.finditer(text) if self._added else ():
+            if m_start < start:  # inside whitespace a previous rstrip token already took
+                continue
+            if m_start > start:
+                yield start, text[start:m_start], None
+            yield m_start, "", token.id
+            start = m_end
+        if start < len(text):
+            yield start, text[start:], None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Ids -> text. An id the tokenizer does not have (an embedding row past the vocabulary, as
+        in llava-1.5's 32,064 or Qwen's 151,936) decodes to nothing, as transformers decodes it.
+        No clean-up of spaces: transformers 5 ignores clean_up_tokenization_spaces for BPE models,
+        and every tokenizer here is one."""
+        skip = {i for i, t in self.added.items() if t.special} if skip_special_tokens else set()
+        return self._decode_tokens([int(i) for i in ids if int(i) not in skip])
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_tokens(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes one id stands for (b"" for an id the tokenizer lacks), for streaming."""
+        raise NotImplementedError
+
+
+class StreamDecoder:
+    """Decodes ids as they arrive, holding back a character whose UTF-8 bytes are still incomplete."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._started = False
+
+    def push(self, token_id: int) -> str:
+        token = self.tokenizer.added.get(int(token_id))
+        if token is not None and token.special and self.skip:
+            return ""
+        text = self._utf8.decode(self.tokenizer.token_bytes(int(token_id)))
+        if text and not self._started:
+            self._started = True
+            if self.tokenizer.strip_first_space and text.startswith(" "):
+                text = text[1:]  # as decode() of the whole stream strips it
+        return text
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def post_processor_ids(spec: dict | None, token_to_id: dict[str, int], source: str) -> tuple[list[int], list[int]]:
+    """The special ids tokenizer.json's post-processor puts before and after a single sequence."""
+    if spec is None or spec.get("type") == "ByteLevel":
+        return [], []
+    if spec.get("type") == "Sequence":
+        prefix, suffix = [], []
+        for sub in spec["processors"]:
+            p, s = post_processor_ids(sub, token_to_id, source)
+            prefix, suffix = prefix + p, s + suffix
+        return prefix, suffix
+    if spec.get("type") != "TemplateProcessing":
+        raise TokenizerError(f"{source}: post-processor {spec.get('type')!r} is not supported (TemplateProcessing, ByteLevel)")
+    prefix, suffix, seen_a = [], [], False
+    for item in spec["single"]:
+        if "Sequence" in item:
+            seen_a = True
+            continue
+        name = item["SpecialToken"]["id"]
+        ids = spec["special_tokens"][name]["ids"]
+        (suffix if seen_a else prefix).extend(ids)
+    return prefix, suffix
