@@ -289,6 +289,8 @@ def _bench_text(words: int) -> str:
 
 def bench_tokenizer(args: argparse.Namespace) -> None:
     """Encode text with minivlm's tokenizer and transformers' fast tokenizer, from the same files."""
+    if args.tokenizer:
+        return _bench_folder(args)
     if args.kind == "sentencepiece":
         return _bench_sentencepiece(args)
     transformers = _transformers()
@@ -310,7 +312,7 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
         theirs = transformers.AutoTokenizer.from_pretrained(tmp)
         ours = load_tokenizer(Path(tmp))
     print(f"Llama-3 pattern, 4000-token vocabulary, one text of {args.words} words")
-    _time_encode(ours, theirs, [text], args.repeats, "minivlm (tiktoken)")
+    _time_encode(ours, theirs, [text], args.repeats, f"minivlm ({ours.fast_path})")
 
 
 def _bench_sentencepiece(args: argparse.Namespace) -> None:
@@ -339,7 +341,21 @@ def _bench_sentencepiece(args: argparse.Namespace) -> None:
         theirs = transformers.AutoTokenizer.from_pretrained(tmp)
         ours = load_tokenizer(Path(tmp))
     print(f"SentencePiece BPE with byte fallback, {len(ours.pieces)} pieces, {len(prompts)} prompts of 200 words")
-    _time_encode(ours, theirs, prompts, args.repeats, "minivlm (Python BPE)")
+    _time_encode(ours, theirs, prompts, args.repeats, f"minivlm ({ours.fast_path})")
+
+
+def _bench_folder(args: argparse.Namespace) -> None:
+    """A real checkpoint's tokenizer folder (e.g. tests/.real/llama3 after `python tests/real_files.py`),
+    over prompts of 200 words of the benchmark text."""
+    transformers = _transformers()
+    from .processing.tokenizer import load_tokenizer
+
+    words = _bench_text(args.words).split(" ")
+    prompts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
+    theirs = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    ours = load_tokenizer(Path(args.tokenizer))
+    print(f"{args.tokenizer}: {type(ours).__name__}, {len(prompts)} prompts of 200 words")
+    _time_encode(ours, theirs, prompts, args.repeats, f"minivlm ({ours.fast_path})")
 
 
 def _time_encode(ours, theirs, texts: list[str], repeats: int, label: str) -> None:
@@ -386,6 +402,7 @@ def add_parser(sub) -> None:
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=int, default=1_000_000)
+    tok.add_argument("--tokenizer", help="a tokenizer folder to time instead of one trained here (--kind is then ignored)")
     tok.add_argument("--repeats", type=int, default=3)
     tok.set_defaults(run=bench_tokenizer)
 

@@ -92,6 +92,8 @@ class BPETokenizer(Tokenizer):
         self.normalizers = _normalizers(spec.get("normalizer"), source)
         self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), source)
         self._tiktoken = self._tiktoken_core(vocab, merges, bool(model.get("ignore_merges")))
+        if self._tiktoken is not None:
+            self.bpe.shortcut = self._tiktoken_word
         token_to_id = {**vocab, **{t.content: t.id for t in added.values()}}
         super().__init__(added, token_to_id, *post_processor_ids(spec.get("post_processor"), token_to_id, source))
 
@@ -133,14 +135,13 @@ class BPETokenizer(Tokenizer):
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
         for form in self.normalizers:
             text = form(text)
-        ids: list[int] = []
-        for piece in _apply_steps(text, self.steps):
-            word = to_byte_level(piece)
-            if self._tiktoken is not None and len(set(zip(word, word[1:]))) == len(word) - 1:  # condition 5
-                ids.extend(self._tiktoken.encode_single_piece(piece.encode("utf-8")))
-            else:
-                ids.extend(self.bpe.encode_word(word))
-        return ids
+        return [i for piece in _apply_steps(text, self.steps) for i in self.bpe.encode_word(to_byte_level(piece))]
+
+    def _tiktoken_word(self, word: str) -> list[int] | None:
+        """tiktoken's ids for a byte-level word that repeats no two-byte sequence (condition 5), else None."""
+        if len(set(zip(word, word[1:]))) != len(word) - 1:
+            return None
+        return self._tiktoken.encode_single_piece(bytes(BYTE_OF_CHAR[c] for c in word))
 
     def token_bytes(self, i: int) -> bytes:
         return self.id_to_bytes.get(i, b"")
