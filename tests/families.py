@@ -21,6 +21,7 @@ from checkpoints import CLIP, SIGLIP, randomize_, save_checkpoint
 from test_llama3v import llama3v_checkpoint
 from test_processor import FAMILIES as PROCESSORS
 from test_sentencepiece import build_llava15
+from test_tokenizer import SPECIALS
 from test_tokenizer import build as build_bpe
 
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would fill notebook outputs
@@ -63,13 +64,28 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
     if family == "idefics3":  # Idefics3-8B's 364-pixel tiles of 26x26 patches, shuffled by 2: 169 tokens a tile
         vision = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
                       image_size=364, patch_size=14)  # fmt: skip
-        return transformers.Idefics3Config(vision_config=vision, text_config=dict(model_type="llama", **text_config(tok)),
+        # 4096 positions: a 17-tile photo takes 2,873 image tokens
+        text = dict(model_type="llama", **text_config(tok, max_position_embeddings=4096))
+        return transformers.Idefics3Config(vision_config=vision, text_config=text,
                                            image_token_id=image, scale_factor=2)  # fmt: skip
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
 
 
-def tiny_checkpoint(family: str, folder: str | Path) -> Path:
-    """Write the tiny checkpoint of `family` into `folder` and return the folder."""
+def real_tokenizer(family: str, source: Path, folder: Path) -> None:
+    """The real vocabulary in `source` (a folder of tests/real_files.py) as `family`'s tokenizer: its
+    files copied, then the family's image tokens added by transformers, as the checkpoint's authors did."""
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    specials = {"llava-1.5": ["<image>", "<pad>"], "idefics3": SPECIALS["smollm2"][3:]}.get(family, ["<image>", "<video>"])
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.save_pretrained(folder)
+
+
+def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = None) -> Path:
+    """Write the tiny checkpoint of `family` into `folder` and return the folder; with the real
+    `vocabulary` folder of tests/real_files.py as its tokenizer when given, else one trained here."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = FAMILIES[family]
@@ -78,7 +94,9 @@ def tiny_checkpoint(family: str, folder: str | Path) -> Path:
                       image_size=980, patch_size=14)  # fmt: skip
         llama3v_checkpoint(folder, image_size=448, vision=vision, queries=96)
         return folder
-    if tokenizer == "sentencepiece":
+    if vocabulary is not None:
+        real_tokenizer(family, Path(vocabulary), folder)
+    elif tokenizer == "sentencepiece":
         build_llava15(folder)
     else:
         build_bpe(tokenizer, folder)
