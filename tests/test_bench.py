@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from real_files import real_folder
+
 
 def bench(*args: str) -> str:
     """stdout of `python -m minivlm bench ARGS`, which must exit 0."""
@@ -24,12 +26,17 @@ def test_bench_loader_runs_and_agrees_with_transformers():
 
 def test_bench_tokenizer_runs():
     out = bench("tokenizer", "--words", "3000", "--repeats", "1")
-    assert "minivlm (tiktoken)" in out and "speed-up" in out
+    assert "minivlm (exact)" in out and "speed-up" in out  # a vocabulary trained by tokenizers: one merge a token
 
 
 def test_bench_sentencepiece_tokenizer_runs():
     out = bench("tokenizer", "--kind", "sentencepiece", "--words", "20000", "--repeats", "1")
-    assert "minivlm (Python BPE)" in out and "speed-up" in out
+    assert "minivlm (words)" in out and "speed-up" in out
+
+
+def test_bench_tokenizer_on_real_llama3_takes_tiktoken():
+    out = bench("tokenizer", "--tokenizer", str(real_folder("llama3")), "--words", "2000", "--repeats", "1")
+    assert "minivlm (tiktoken)" in out and "speed-up" in out
 
 
 def test_bench_generate_runs_and_agrees_with_transformers():
