@@ -134,6 +134,15 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(TokenizerError, match=r"merge 'a' \+ 'b' needs 'ab', which is not in the vocab"):
         load_tokenizer(tmp_path)
+    for model, extra, message in [
+        ({"type": "BPE", "vocab": {"a": 0}, "merges": [5]}, {}, r"not a tokenizer file minivlm can read \(TypeError"),
+        ({"type": "BPE", "vocab": {"a": 0}}, {"pre_tokenizer": ["x"]}, r"not a tokenizer file minivlm can read"),
+        ({"type": "BPE", "vocab": {"a": 0}}, {"added_tokens": [{"id": 1, "content": ""}]},
+         r"tokenizer.json: added token 1: expected a non-empty 'content' string"),
+    ]:  # fmt: skip
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, **extra}))
+        with pytest.raises(TokenizerError, match=message):
+            load_tokenizer(tmp_path)
     spec["model"].update(vocab={"a": 0, "b": 1, "ab": 2}, continuing_subword_prefix="##")
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(TokenizerError, match=r"continuing_subword_prefix '##' is not supported"):

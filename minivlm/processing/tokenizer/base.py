@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import codecs
 import re
+
+import regex
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +28,28 @@ class AddedToken:
     lstrip: bool = False  # the token swallows whitespace on its left
     rstrip: bool = False  # ... and on its right
     single_word: bool = False  # matches only where no word character touches it
+    normalized: bool = False  # matched in the normalized text (after NFC, ...), not the raw text
 
 
 def added_token(i: int | str, entry: dict[str, Any]) -> AddedToken:
     """An added token as tokenizer.json's `added_tokens` and tokenizer_config.json's `added_tokens_decoder` write one."""
     flags = {name: bool(entry.get(name)) for name in ("special", "lstrip", "rstrip", "single_word")}
-    return AddedToken(int(i), entry["content"], **flags)
+    if not isinstance(entry.get("content"), str) or not entry["content"]:
+        raise TokenizerError(f"added token {i}: expected a non-empty 'content' string, got {entry.get('content')!r}")
+    normalized = bool(entry.get("normalized", not flags["special"]))  # tokenizers' default
+    return AddedToken(int(i), entry["content"], normalized=normalized, **flags)
+
+
+# Rust's char::is_whitespace (Unicode White_Space), which tokenizers strips: not Python's isspace(),
+# which also takes the separators \x1c-\x1f.
+WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
+WORD_CHAR = regex.compile(r"\w")  # Unicode \w, as the Rust regex that single_word tokens check
 
 
 class AddedTokenMatcher:
-    """Finds added tokens left to right, the longest at each position (tokenizers' leftmost-longest
-    Aho-Corasick); an lstrip/rstrip token also takes the whitespace beside it."""
+    """Finds added tokens as tokenizers' AddedVocabulary does: leftmost-longest matches in the raw
+    text; a single_word token only where no word character touches it; an lstrip token takes the
+    whitespace on its left back to the previous match, an rstrip token the whitespace on its right."""
 
     def __init__(self, tokens):
         tokens = sorted(tokens, key=lambda t: -len(t.content))  # the alternation tries the longest first
@@ -44,21 +57,25 @@ class AddedTokenMatcher:
         self.regex = re.compile("|".join(re.escape(t.content) for t in tokens))
 
     def finditer(self, text: str):
-        """(start, end, token) for each match, the span widened by its stripped whitespace."""
+        """(start, end, token) for each match, its span widened by the whitespace it strips."""
+        previous_end = 0
         for m in self.regex.finditer(text):
             token = self.by_content[m.group(0)]
             start, end = m.start(), m.end()
-            if token.single_word and (_is_word_char(text, start - 1) or _is_word_char(text, end)):
+            if token.single_word and (_word_at(text, start - 1) or _word_at(text, end)):
                 continue
-            while token.lstrip and start > 0 and text[start - 1].isspace():
-                start -= 1
-            while token.rstrip and end < len(text) and text[end].isspace():
-                end += 1
+            if token.lstrip:
+                while start > previous_end and text[start - 1] in WHITESPACE:
+                    start -= 1
+            if token.rstrip:
+                while end < len(text) and text[end] in WHITESPACE:
+                    end += 1
             yield start, end, token
+            previous_end = end
 
 
-def _is_word_char(text: str, i: int) -> bool:
-    return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")
+def _word_at(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and WORD_CHAR.match(text[i]) is not None
 
 
 class Tokenizer:
@@ -73,7 +90,12 @@ class Tokenizer:
         self.added = added
         self.token_to_id = token_to_id
         self.prefix, self.suffix = prefix, suffix
-        self._added = AddedTokenMatcher(added.values()) if added else None
+        # tokenizers matches tokens flagged `normalized` in the normalized text, the others in the raw
+        # text first; without a normalizer the two are one.
+        raw = [t for t in added.values() if not (t.normalized and self.normalize)]
+        normalized = [t for t in added.values() if t.normalized and self.normalize]
+        self._added = AddedTokenMatcher(raw) if raw else None
+        self._added_normalized = AddedTokenMatcher(normalized) if normalized else None
 
     @property
     def vocab_size(self) -> int:
@@ -81,6 +103,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids: added tokens matched first, the text between them encoded by the model."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: no bytes to tokenize (transformers raises too)
+            raise ValueError(f"the text holds {text[e.start]!r} at position {e.start}, which is not a character "
+                             "UTF-8 can encode (a lone surrogate)") from None
         ids: list[int] = []
         for start, segment, added in self._split_added(text):
             if added is not None:
@@ -89,18 +116,17 @@ class Tokenizer:
                 ids.extend(self._encode_text(segment, at_start=start == 0))
         return self.prefix + ids + self.suffix if add_special_tokens else ids
 
+    normalize = None  # the model's normalizer (str -> str) where it has one
+
     def _split_added(self, text: str):
-        """(offset, text, None) and (offset, "", added id) pieces, left to right."""
-        start = 0
-        for m_start, m_end, token in self._added.finditer(text) if self._added else ():
-            if m_start < start:  # inside whitespace a previous rstrip token already took
-                continue
-            if m_start > start:
-                yield start, text[start:m_start], None
-            yield m_start, "", token.id
-            start = m_end
-        if start < len(text):
-            yield start, text[start:], None
+        """(offset, text, None) and (offset, "", added id) pieces, left to right; with a normalizer
+        the text pieces come normalized, the normalized added tokens matched in them."""
+        for offset, piece, added in _split(text, self._added):
+            if added is not None or self.normalize is None:
+                yield offset, piece, added
+            else:
+                for inner, sub, sub_added in _split(self.normalize(piece), self._added_normalized):
+                    yield offset + inner, sub, sub_added  # the offset only tells the first piece (0) apart
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids -> text. An id the tokenizer does not have (an embedding row past the vocabulary, as
@@ -119,6 +145,18 @@ class Tokenizer:
     def token_bytes(self, i: int) -> bytes:
         """The bytes one id stands for (b"" for an id the tokenizer lacks), for streaming."""
         raise NotImplementedError
+
+
+def _split(text: str, matcher: AddedTokenMatcher | None):
+    """(offset, text, None) and (offset, "", added id) pieces of `text`, left to right."""
+    start = 0
+    for m_start, m_end, token in matcher.finditer(text) if matcher else ():
+        if m_start > start:
+            yield start, text[start:m_start], None
+        yield m_start, "", token.id
+        start = max(start, m_end)  # an rstrip token's whitespace may reach into the next match
+    if start < len(text):
+        yield start, text[start:], None
 
 
 class StreamDecoder:

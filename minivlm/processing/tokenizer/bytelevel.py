@@ -90,6 +90,7 @@ class BPETokenizer(Tokenizer):
         for i, token in added.items():  # the ByteLevel decoder maps added tokens through the table too
             self.id_to_bytes[i] = byte_level_bytes(token.content) or token.content.encode()
         self.normalizers = _normalizers(spec.get("normalizer"), source)
+        self.normalize = self._normalized if self.normalizers else None
         self.steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"), source)
         self._tiktoken = self._tiktoken_core(vocab, merges, bool(model.get("ignore_merges")))
         if self._tiktoken is not None:
@@ -132,9 +133,13 @@ class BPETokenizer(Tokenizer):
         encoding = tiktoken.Encoding(name="minivlm", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={})
         return encoding._core_bpe  # encode_single_piece: the merges of one word, no regex split
 
-    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+    def _normalized(self, text: str) -> str:
         for form in self.normalizers:
             text = form(text)
+        return text
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        """`text` comes normalized (see Tokenizer._split_added)."""
         return [i for piece in _apply_steps(text, self.steps) for i in self.bpe.encode_word(to_byte_level(piece))]
 
     def _tiktoken_word(self, word: str) -> list[int] | None:

@@ -47,6 +47,18 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     folder = Path(folder)
     config = read_json(folder / "tokenizer_config.json", TokenizerError)  # {} when absent
     path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
+    if not path.is_file() and not model_path.is_file():
+        raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+    source = path if path.is_file() else model_path
+    try:
+        return _load(path, model_path, config)
+    except TokenizerError as e:
+        raise e if str(source) in str(e) else TokenizerError(f"{source}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a field of the wrong shape
+        raise TokenizerError(f"{source}: not a tokenizer file minivlm can read ({type(e).__name__}: {e})") from None
+
+
+def _load(path: Path, model_path: Path, config: dict) -> Tokenizer:
     if path.is_file():
         spec = read_json(path, TokenizerError)
         model = spec.get("model") or {}
@@ -55,15 +67,13 @@ def load_tokenizer(folder: Path) -> Tokenizer:
             _check_llama_class(config, path)
             return SentencePieceTokenizer.from_json(spec, added, config, str(path))
         return BPETokenizer(byte_level_pipeline(spec, config), added, str(path))
-    if model_path.is_file():
-        _check_llama_class(config, model_path)
-        return SentencePieceTokenizer.from_model(model_path, config)
-    raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+    _check_llama_class(config, model_path)
+    return SentencePieceTokenizer.from_model(model_path, config)
 
 
 def _check_llama_class(config: dict, path: Path) -> None:
     name = config.get("tokenizer_class")
-    if name not in LLAMA_TOKENIZER_CLASSES:
+    if not isinstance(name, (str, type(None))) or name not in LLAMA_TOKENIZER_CLASSES:
         raise TokenizerError(
             f"{path}: a SentencePiece tokenizer of class {name!r}; minivlm reproduces LlamaTokenizer's pipeline "
             "(Llama-2, Vicuna, Mistral) only"

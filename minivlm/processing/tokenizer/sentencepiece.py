@@ -57,8 +57,9 @@ class SentencePieceTokenizer(Tokenizer):
         else:
             self.prepend = "always" if config.get("legacy") else "first"
         self.strip_first_space = self.prepend != "never"
-        if "add_bos_token" in config or "add_eos_token" in config or post_processor is None:
-            # The flags rule where given; transformers' default for both is off.
+        if post_processor is None:
+            # A tokenizer.model: the config's flags rule (transformers' default for both is off).
+            # A tokenizer.json's post-processor rules over them, as in transformers.
             bos, eos = token_name(config.get("bos_token", "<s>")), token_name(config.get("eos_token", "</s>"))
             prefix = [token_to_id[bos]] if config.get("add_bos_token") and bos in token_to_id else []
             suffix = [token_to_id[eos]] if config.get("add_eos_token") and eos in token_to_id else []
@@ -114,7 +115,7 @@ class SentencePieceTokenizer(Tokenizer):
     def token_bytes(self, i: int) -> bytes:
         token = self.added.get(i)
         if token is not None:
-            return token.content.encode()
+            return token.content.replace(SPACE, " ").encode()
         if i in self.byte_of:
             return bytes([self.byte_of[i]])
         return self.pieces[i].replace(SPACE, " ").encode() if i in self.pieces else b""
