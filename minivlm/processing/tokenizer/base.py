@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import codecs
 import re
-
-import regex
 from dataclasses import dataclass
 from typing import Any
+
+import regex
 
 
 class TokenizerError(ValueError):
@@ -84,6 +84,7 @@ class Tokenizer:
 
     strip_first_space = False  # SentencePiece's decoder drops the space its encoder put in front
     padding_side = "right"  # where transformers' tokenizer class pads when the config does not say
+    normalize = None  # the model's normalizer (str -> str) where it has one; set before __init__ runs
 
     def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int],
                  suffix: list[int]):  # fmt: skip
@@ -115,8 +116,6 @@ class Tokenizer:
             elif segment:
                 ids.extend(self._encode_text(segment, at_start=start == 0))
         return self.prefix + ids + self.suffix if add_special_tokens else ids
-
-    normalize = None  # the model's normalizer (str -> str) where it has one
 
     def _split_added(self, text: str):
         """(offset, text, None) and (offset, "", added id) pieces, left to right; with a normalizer
