@@ -56,12 +56,14 @@ class AddedTokenMatcher:
         self.by_content = {t.content: t for t in tokens}
         self.regex = re.compile("|".join(re.escape(t.content) for t in tokens))
 
-    def finditer(self, text: str):
+    def finditer(self, text: str, skip_special: bool = False):
         """(start, end, token) for each match, its span widened by the whitespace it strips."""
         previous_end = 0
         for m in self.regex.finditer(text):
             token = self.by_content[m.group(0)]
             start, end = m.start(), m.end()
+            if skip_special and token.special:
+                continue
             if token.single_word and (_word_at(text, start - 1) or _word_at(text, end)):
                 continue
             if token.lstrip:
@@ -102,29 +104,31 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return max(self.token_to_id.values()) + 1
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Text -> ids: added tokens matched first, the text between them encoded by the model."""
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Text -> ids: added tokens matched first, the text between them encoded by the model.
+        `split_special_tokens` (transformers' flag of that name) leaves special tokens unmatched, so
+        that "<|im_end|>" typed by a user is text, not a control token; other added tokens still match."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate: no bytes to tokenize (transformers raises too)
             raise ValueError(f"the text holds {text[e.start]!r} at position {e.start}, which is not a character "
                              "UTF-8 can encode (a lone surrogate)") from None
         ids: list[int] = []
-        for start, segment, added in self._split_added(text):
+        for start, segment, added in self._split_added(text, split_special_tokens):
             if added is not None:
                 ids.append(added)
             elif segment:
                 ids.extend(self._encode_text(segment, at_start=start == 0))
         return self.prefix + ids + self.suffix if add_special_tokens else ids
 
-    def _split_added(self, text: str):
+    def _split_added(self, text: str, skip_special: bool = False):
         """(offset, text, None) and (offset, "", added id) pieces, left to right; with a normalizer
         the text pieces come normalized, the normalized added tokens matched in them."""
-        for offset, piece, added in _split(text, self._added):
+        for offset, piece, added in _split(text, self._added, skip_special):
             if added is not None or self.normalize is None:
                 yield offset, piece, added
             else:
-                for inner, sub, sub_added in _split(self.normalize(piece), self._added_normalized):
+                for inner, sub, sub_added in _split(self.normalize(piece), self._added_normalized, skip_special):
                     yield offset + inner, sub, sub_added  # the offset only tells the first piece (0) apart
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -146,10 +150,10 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def _split(text: str, matcher: AddedTokenMatcher | None):
+def _split(text: str, matcher: AddedTokenMatcher | None, skip_special: bool = False):
     """(offset, text, None) and (offset, "", added id) pieces of `text`, left to right."""
     start = 0
-    for m_start, m_end, token in matcher.finditer(text) if matcher else ():
+    for m_start, m_end, token in matcher.finditer(text, skip_special) if matcher else ():
         if m_start > start:
             yield start, text[start:m_start], None
         yield m_start, "", token.id
