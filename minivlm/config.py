@@ -4,10 +4,19 @@
 `rope_scaling` at the top level and `torch_dtype`; transformers 5's `save_pretrained` nests them
 as `rope_parameters` and writes `dtype`. `from_hf` reads both, validates once, and the result is
 never mutated afterwards.
+
+Validation is also a guard: config.json is data from the internet, and the module tree is built
+from its sizes before a byte of the weights is read. Every size must be a positive integer (a float
+only when it is a whole number: `2048.0`, not `1e3` of a string nor `0.5`), and no larger than
+`SIZE_LIMITS`, far above any released checkpoint, so that `num_hidden_layers: 1e8` is one clear
+ConfigError instead of a build that runs until memory is gone. Set MINIVLM_TRUST_CONFIG=1 to lift
+the upper limits (the integer and positivity checks stay).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +26,55 @@ from .processing.files import read_json
 
 class ConfigError(ValueError):
     """A config.json that minivlm cannot build a model from; the message names the field."""
+
+
+# Plausibility bounds on config.json's sizes. The largest released checkpoints stay well inside:
+# 126 layers (Llama-3.1-405B), hidden 16384, vocab 262144 (Gemma 3), intermediate 53248,
+# 128 heads, head_dim 256, a 10M-token context. MINIVLM_TRUST_CONFIG=1 lifts them.
+SIZE_LIMITS: dict[str, int] = {
+    "num_hidden_layers": 1024, "hidden_size": 65536, "intermediate_size": 262144, "vocab_size": 4_194_304,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "max_position_embeddings": 1 << 26, "original_max_position_embeddings": 1 << 26, "sliding_window": 1 << 26,
+    "max_window_layers": 1024, "image_size": 16384, "patch_size": 1024, "num_channels": 64, "scale_factor": 64,
+    "query_num": 65536, "image_grid_pinpoints": 65536,
+}  # fmt: skip
+TRUST_CONFIG_ENV = "MINIVLM_TRUST_CONFIG"
+
+
+def trusting_config() -> bool:
+    """Whether MINIVLM_TRUST_CONFIG=1 lifts SIZE_LIMITS."""
+    return os.environ.get(TRUST_CONFIG_ENV, "") not in ("", "0")
+
+
+def size(value: Any, key: str, source: str, minimum: int = 1) -> int:
+    """`value` (config.json's `key`) as an int of at least `minimum` and at most SIZE_LIMITS[key]."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)  # 2048.0: some tools write whole numbers as floats
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {key} is {value!r}; expected an integer")
+    if value < minimum:
+        raise ConfigError(f"{source}: {key} is {value}; expected an integer of at least {minimum}")
+    limit = SIZE_LIMITS.get(key)
+    if limit is not None and value > limit and not trusting_config():
+        raise ConfigError(
+            f"{source}: {key} is {value}, implausibly large (expected at most {limit:,}); "
+            f"if the checkpoint really is that size, set {TRUST_CONFIG_ENV}=1"
+        )
+    return value
+
+
+def number(value: Any, key: str, source: str, positive: bool = False) -> float:
+    """`value` (config.json's `key`) as a finite float (> 0 when `positive`, else >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} is {value!r}; expected a finite number")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{source}: {key} is {value}; expected a {'positive' if positive else 'non-negative'} number")
+    return float(value)
+
+
+def token_id(value: Any, key: str, source: str) -> int | None:
+    """A token id: None or a non-negative integer."""
+    return None if value is None else size(value, key, source, minimum=0)
 
 
 # model_type -> what is specific to that family. Everything else is shared Llama-family structure.
@@ -86,7 +144,11 @@ class TextConfig:
         transformers does for a VLM's text_config. A text checkpoint's own config.json must carry
         its sizes: there a missing size is a broken file, not a default.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of the decoder's settings, got {d!r:.80}")
         model_type = d.get("model_type")
+        if not isinstance(model_type, (str, type(None))):
+            raise ConfigError(f"{source}: model_type is {model_type!r:.80}; expected a string")
         if fill_defaults and model_type in TEXT_DEFAULTS:
             d = {**TEXT_DEFAULTS[model_type], **d}
         if model_type is None:
@@ -102,11 +164,18 @@ class TextConfig:
                 raise ConfigError(f"{source}: missing required field {key!r} for model_type {model_type!r}")
             return d[key]
 
-        hidden_size, num_heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        num_layers = int(need("num_hidden_layers"))
-        num_kv_heads = int(d.get("num_key_value_heads") or num_heads)
+        def need_size(key: str) -> int:
+            return size(need(key), key, source)
+
+        hidden_size, num_heads = need_size("hidden_size"), need_size("num_attention_heads")
+        num_layers = need_size("num_hidden_layers")
+        vocab_size, intermediate_size = need_size("vocab_size"), need_size("intermediate_size")
+        kv = d.get("num_key_value_heads")
+        num_kv_heads = num_heads if kv is None else size(kv, "num_key_value_heads", source)
         head_dim = d.get("head_dim")
-        if head_dim is None:
+        if head_dim is not None:
+            head_dim = size(head_dim, "head_dim", source)
+        else:
             if hidden_size % num_heads:
                 raise ConfigError(
                     f"{source}: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} "
@@ -124,21 +193,23 @@ class TextConfig:
         attention_bias = bool(d.get("attention_bias", False))
         qkv_bias = attention_bias if family["qkv_bias"] is None else family["qkv_bias"]
         o_bias = attention_bias if family["o_bias"] is None else family["o_bias"]
-        max_positions = int(d.get("max_position_embeddings") or family["max_positions"])
+        max_positions = d.get("max_position_embeddings")
+        max_positions = family["max_positions"] if max_positions is None else size(max_positions, "max_position_embeddings", source)
 
         eos = d.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = tuple(token_id(i, "eos_token_id", source) for i in eos)
 
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=intermediate_size,
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rms_norm_eps=number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope=_rope_from_hf(d, max_positions, source),
             max_positions=max_positions,
             qkv_bias=qkv_bias,
@@ -146,9 +217,9 @@ class TextConfig:
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_windows=_sliding_windows(d, model_type, num_layers, source),
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=token_id(d.get("bos_token_id"), "bos_token_id", source),
             eos_token_id=eos,
-            pad_token_id=d.get("pad_token_id"),
+            pad_token_id=token_id(d.get("pad_token_id"), "pad_token_id", source),
             dtype=d.get("dtype") or d.get("torch_dtype"),
         )
 
@@ -158,27 +229,29 @@ def _rope_from_hf(d: dict[str, Any], max_positions: int, source: str) -> RopeCon
     # top and the scaling (if any) in `rope_scaling`, whose type key was once called "type".
     params = dict(d.get("rope_scaling") or {})
     params.update(d.get("rope_parameters") or {})
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = number(params.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta", source, positive=True)
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {kind!r} is not supported; minivlm supports {list(ROPE_TYPES)}")
     if kind == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if "factor" not in params:
         raise ConfigError(f"{source}: rope type {kind!r} needs a 'factor' in rope_scaling / rope_parameters")
     if kind == "linear":
-        return RopeConfig(theta=float(theta), kind=kind, factor=float(params["factor"]))
+        return RopeConfig(theta=theta, kind=kind, factor=number(params["factor"], "rope factor", source, positive=True))
     for key in ("low_freq_factor", "high_freq_factor"):
         if key not in params:
             raise ConfigError(f"{source}: rope type 'llama3' needs {key!r} in rope_scaling / rope_parameters")
+    original = params.get("original_max_position_embeddings")
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         kind=kind,
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
+        factor=number(params["factor"], "rope factor", source, positive=True),
+        low_freq_factor=number(params["low_freq_factor"], "low_freq_factor", source, positive=True),
+        high_freq_factor=number(params["high_freq_factor"], "high_freq_factor", source, positive=True),
         # As transformers: fall back to max_position_embeddings when the original length is absent.
-        original_max_positions=int(params.get("original_max_position_embeddings", max_positions)),
+        original_max_positions=max_positions if original is None
+        else size(original, "original_max_position_embeddings", source),
     )
 
 
@@ -190,10 +263,14 @@ def _sliding_windows(d: dict[str, Any], model_type: str, num_layers: int, source
     if layer_types is None:
         if model_type == "qwen2" and window is not None:
             # transformers' Qwen2Config: layers from `max_window_layers` on use the window.
-            first = int(d.get("max_window_layers", 28))
+            first = size(d.get("max_window_layers", 28), "max_window_layers", source, minimum=0)
             layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
         else:
             layer_types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
+    if window is not None:
+        window = size(window, "sliding_window", source)
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"{source}: layer_types is {layer_types!r}; expected a list of {num_layers} layer types")
     if len(layer_types) != num_layers:
         raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}")
     windows = []
@@ -201,7 +278,7 @@ def _sliding_windows(d: dict[str, Any], model_type: str, num_layers: int, source
         if kind == "full_attention":
             windows.append(None)
         elif kind == "sliding_attention":
-            windows.append(int(window) if window is not None else None)
+            windows.append(window)
         else:
             raise ConfigError(f"{source}: layer type {kind!r} is not supported (full_attention, sliding_attention)")
     return tuple(windows)
@@ -249,29 +326,34 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VisionConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of the vision tower's settings, got {d!r:.80}")
         model_type = d.get("model_type")
-        if model_type not in VISION_FAMILIES:
+        if not isinstance(model_type, (str, type(None))) or model_type not in VISION_FAMILIES:
             raise ConfigError(
                 f"{source}: unknown vision_config model_type {model_type!r}; minivlm supports {sorted(VISION_FAMILIES)}"
             )
         family = VISION_FAMILIES[model_type]
         d = {**family["defaults"], **{k: v for k, v in d.items() if v is not None}}
-        if d["hidden_act"] not in ACTIVATIONS:
+        if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
             raise ConfigError(f"{source}: vision hidden_act {d['hidden_act']!r} is not supported; expected one of {ACTIVATIONS}")
-        hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        hidden, heads = size(d["hidden_size"], "hidden_size", source), size(d["num_attention_heads"], "num_attention_heads", source)
+        image_size, patch_size = size(d["image_size"], "image_size", source), size(d["patch_size"], "patch_size", source)
+        if patch_size > image_size:
+            raise ConfigError(f"{source}: patch_size {patch_size} is larger than image_size {image_size}")
         if hidden % heads:
             raise ConfigError(f"{source}: vision hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         return cls(
             model_type=model_type,
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            intermediate_size=size(d["intermediate_size"], "intermediate_size", source),
+            num_layers=size(d["num_hidden_layers"], "num_hidden_layers", source),
             num_heads=heads,
-            image_size=int(d["image_size"]),
-            patch_size=int(d["patch_size"]),
-            num_channels=int(d["num_channels"]),
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=size(d["num_channels"], "num_channels", source),
             hidden_act=d["hidden_act"],
-            layer_norm_eps=float(d["layer_norm_eps"]),
+            layer_norm_eps=number(d["layer_norm_eps"], "layer_norm_eps", source),
             class_token=family["class_token"],
             pre_norm=family["pre_norm"],
             patch_bias=family["patch_bias"],
@@ -310,6 +392,9 @@ class VLMConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VLMConfig":
         model_type = d["model_type"]
+        for key in ("text_config", "vision_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{source}: {key} is {d[key]!r:.80}; expected a JSON object")
         text_d = d.get("text_config") or {"model_type": "llama"}  # transformers' default sub-config
         if model_type == "idefics3":
             text_d = {"rms_norm_eps": 1e-5, **text_d}  # Idefics3Config's own default for its Llama
@@ -322,17 +407,17 @@ class VLMConfig:
                         **vision_d}  # fmt: skip
             vision = VisionConfig.from_hf(vision_d, f"{source} vision_config")
             layers = d.get("vision_feature_layer", -2)
-            layers = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
+            layers = tuple(layers) if isinstance(layers, list) else (layers,)
             for i in layers:
-                if not -(vision.num_layers + 1) <= i <= vision.num_layers:
+                if isinstance(i, bool) or not isinstance(i, int) or not -(vision.num_layers + 1) <= i <= vision.num_layers:
                     raise ConfigError(
-                        f"{source}: vision_feature_layer {i} is out of range for {vision.num_layers} vision layers"
+                        f"{source}: vision_feature_layer {i!r} is out of range for {vision.num_layers} vision layers"
                     )
             strategy = d.get("vision_feature_select_strategy", "default")
             if strategy not in ("default", "full"):
                 raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
             act = d.get("projector_hidden_act", "gelu")
-            if act not in ACTIVATIONS:
+            if not isinstance(act, str) or act not in ACTIVATIONS:
                 raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported; expected one of {ACTIVATIONS}")
             connector = ConnectorConfig(
                 "mlp2x_gelu", vision.hidden_size * len(layers), text.hidden_size, act=act,
@@ -341,20 +426,23 @@ class VLMConfig:
             pinpoints: tuple = ()
             if model_type == "llava_next":
                 raw = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-                pinpoints = tuple((int(h), int(w)) for h, w in raw)
+                if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
+                    raise ConfigError(f"{source}: image_grid_pinpoints is {raw!r}; expected a list of [height, width] pairs")
+                pinpoints = tuple(tuple(size(x, "image_grid_pinpoints", source) for x in p) for p in raw)
             # A VLM ties by its top-level flag; LlavaConfig alone also honours a text_config's flag
             # (older files saved it there). The decision is kept in one place: the text config.
             tie = bool(d.get("tie_word_embeddings", False)) or (model_type == "llava" and text.tie_word_embeddings)
             return cls(
                 model_type=model_type, text=replace(text, tie_word_embeddings=tie), vision=vision,
-                connector=connector, image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+                connector=connector,
+                image_token_id=token_id(d.get("image_token_index", d.get("image_token_id", 32000)), "image_token_index", source),
                 feature_layers=layers, drop_cls=strategy == "default",
                 image_grid_pinpoints=pinpoints, dtype=d.get("dtype") or d.get("torch_dtype"),
             )  # fmt: skip
         if model_type == "idefics3":
             vision = VisionConfig.from_hf({"model_type": "idefics3_vision", **(d.get("vision_config") or {})},
                                           f"{source} vision_config")  # fmt: skip
-            scale = int(d.get("scale_factor", 2))
+            scale = size(d.get("scale_factor", 2), "scale_factor", source)
             if vision.grid % scale:
                 raise ConfigError(f"{source}: scale_factor {scale} does not divide the {vision.grid}-patch grid")
             connector = ConnectorConfig(
@@ -363,7 +451,8 @@ class VLMConfig:
             text = replace(text, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
             return cls(
                 model_type=model_type, text=text, vision=vision, connector=connector,
-                image_token_id=int(d.get("image_token_id", 128257)), feature_layers=None, drop_cls=False,
+                image_token_id=token_id(d.get("image_token_id", 128257), "image_token_id", source),
+                feature_layers=None, drop_cls=False,
                 dtype=d.get("dtype") or d.get("torch_dtype"),
             )  # fmt: skip
         if model_type == "llama3v":
@@ -393,13 +482,12 @@ def _llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
     heads = text.hidden_size // 128
     if heads < 1 or text.hidden_size % 128:
         raise ConfigError(f"{source}: hidden_size {text.hidden_size} is not a multiple of 128, the resampler's head width")
-    queries = d.get("query_num", 96)
-    if not isinstance(queries, int) or queries < 1:
-        raise ConfigError(f"{source}: query_num {queries!r}; expected a positive integer")
+    queries = size(d.get("query_num", 96), "query_num", source)
     connector = ConnectorConfig("resampler", vision.hidden_size, text.hidden_size, num_queries=queries, num_heads=heads)
     return VLMConfig(
         model_type="llama3v", text=text, vision=vision, connector=connector,
-        image_token_id=int(d.get("image_token_id", LLAMA3V_UNK_ID)), feature_layers=None, drop_cls=False,
+        image_token_id=token_id(d.get("image_token_id", LLAMA3V_UNK_ID), "image_token_id", source),
+        feature_layers=None, drop_cls=False,
         dtype=d.get("dtype") or d.get("torch_dtype"),
     )  # fmt: skip
 
@@ -407,6 +495,6 @@ def _llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
 def read_config(folder: Path) -> dict[str, Any]:
     """config.json of a checkpoint folder as a dict, with errors that name the file."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: no config.json in the checkpoint folder {folder}")
-    return read_json(path, ConfigError)
+    return read_json(path, ConfigError)  # which refuses a FIFO, a folder or a device by that name

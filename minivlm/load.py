@@ -13,6 +13,7 @@ from .config import ConfigError, TextConfig, VLMConfig, read_config
 from .decoder import DecoderLM
 from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
+from .processing.files import open_regular
 from .processing.processor import Processor, ProcessorError
 from .processing.tokenizer import TokenizerError
 from .vlm import VLM, Idefics3, Llama3V, LlavaNext
@@ -57,6 +58,30 @@ def parse_dtype(dtype: torch.dtype | str | None, default: str | None = None) -> 
     return DTYPES[name]
 
 
+def read_family_config(folder) -> tuple[Family, Any]:
+    """The family and the validated config of a checkpoint folder, from its config.json.
+
+    Sizes beyond config.SIZE_LIMITS are refused unless MINIVLM_TRUST_CONFIG=1; a field of the
+    wrong type anywhere is a ConfigError naming the file, never a traceback.
+    """
+    raw = read_config(folder)
+    source = str(folder / "config.json")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        what = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    try:
+        return family, family.config(raw, source)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a field of the wrong shape
+        raise ConfigError(
+            f"{source}: a field has a value of the wrong type or shape ({type(e).__name__}: {e}); "
+            "expected a config.json as transformers writes it"
+        ) from None
+
+
 def load_model(
     path_or_id: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -67,14 +92,7 @@ def load_model(
     dtype None keeps the dtype config.json records (transformers' `dtype="auto"`), else float32.
     """
     folder = resolve_checkpoint(path_or_id)
-    raw = read_config(folder)
-    source = str(folder / "config.json")
-    model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
-        what = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
-    family = FAMILIES[model_type]
-    config = family.config(raw, source)
+    family, config = read_family_config(folder)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     model = load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
@@ -83,7 +101,17 @@ def load_model(
 
 def load_processor(path_or_id: str | os.PathLike) -> Processor:
     """The processor of a checkpoint folder (or hub id): its tokenizer, chat template and image settings."""
+    folder = resolve_checkpoint(path_or_id)
+    for name in PROCESSOR_FILES:  # a FIFO or folder by one of these names is refused, not skipped
+        if (folder / name).exists():
+            open_regular(folder / name, ProcessorError).close()
     try:
-        return Processor.load(resolve_checkpoint(path_or_id))
+        return Processor.load(folder)
     except TokenizerError as e:
         raise ProcessorError(str(e)) from None
+
+
+# The files a processor may read, which must be regular files when present.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
+                   "config.json")  # fmt: skip

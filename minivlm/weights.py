@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import struct
 import warnings
@@ -25,6 +26,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from .processing.files import open_regular
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -53,10 +56,16 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """The tensors a safetensors file holds, checked against the file's size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    """The tensors a safetensors file holds, checked against the file's size and each other.
+
+    Refused with a CheckpointError naming the file: not a regular file (a FIFO, folder, device),
+    a header length beyond the file, a header that is not a JSON object, an entry whose dtype,
+    shape or offsets are malformed, whose byte length disagrees with its dtype and shape, which
+    ends past the file, or whose bytes overlap another tensor's.
+    """
+    with open_regular(path, CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -66,14 +75,16 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                     f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
                 )
             raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
 
     data_start = 8 + n
     entries: dict[str, TensorEntry] = {}
@@ -82,12 +93,17 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (_naturals(shape) and _naturals(offsets) and len(offsets) == 2):
+                raise ValueError
+            shape, (begin, end) = tuple(shape), offsets
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+            raise CheckpointError(
+                f"{path}: corrupt header entry for tensor {name!r}: {info!r:.200} (expected a dtype of "
+                f"{sorted(SAFETENSORS_DTYPES)}, a shape of non-negative integers and two data_offsets)"
+            ) from None
         nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        if end - begin != nbytes:
             raise CheckpointError(
                 f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} bytes, "
                 f"header gives offsets {begin}..{end}"
@@ -97,7 +113,22 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size} bytes"
             )
         entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
+    # Two tensors sharing bytes would load one's data as the other's, silently. (Gaps are harmless.)
+    previous = None
+    for entry in sorted((e for e in entries.values() if e.end > e.begin), key=lambda e: e.begin):
+        if previous is not None and entry.begin < previous.end:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: the bytes of tensor {entry.key!r} "
+                f"({entry.begin - data_start}..{entry.end - data_start}) overlap those of {previous.key!r} "
+                f"({previous.begin - data_start}..{previous.end - data_start}); expected each tensor in its own bytes"
+            )
+        previous = max(previous, entry, key=lambda e: e.end) if previous is not None else entry
     return entries
+
+
+def _naturals(value) -> bool:
+    """Whether `value` is a JSON list of non-negative integers."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
@@ -105,7 +136,7 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     out = torch.empty(entry.shape, dtype=entry.dtype)
     # A uint8 view of the buffer; `readinto` fills it in place.
     buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-    with open(entry.file, "rb") as f:
+    with open_regular(entry.file, CheckpointError) as f:
         f.seek(entry.begin)
         if f.readinto(buf) != len(buf):
             raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
@@ -122,10 +153,11 @@ def _read_as(entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> to
 
 def find_tensors(folder: Path) -> dict[str, TensorEntry]:
     """Every tensor of a checkpoint folder: `model.safetensors`, or the shards its index names."""
+    # exists(), not is_file(): a FIFO or folder by these names is refused by name, not passed over.
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
         files = _shards_from_index(folder, checkpoint_file(folder, index.name))
-    elif (folder / "model.safetensors").is_file():
+    elif (folder / "model.safetensors").exists():
         files = [checkpoint_file(folder, "model.safetensors")]
     else:
         files = [checkpoint_file(folder, file.name) for file in sorted(folder.glob("*.safetensors"))]
@@ -141,16 +173,18 @@ def find_tensors(folder: Path) -> dict[str, TensorEntry]:
 
 
 def _shards_from_index(folder: Path, index: Path) -> list[Path]:
+    with open_regular(index, CheckpointError) as f:
+        raw = f.read()
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
     shards: dict[Path, Path] = {}  # the file a shard resolves to -> its path in the folder
     for name in sorted(set(map(str, weight_map.values()))):
         path = checkpoint_file(folder, name, named_by=index)
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}")
         shards.setdefault(path.resolve(), path)  # two spellings of one file ('a', './a') read it once
     return list(shards.values())
@@ -332,32 +366,9 @@ def load_weights(
     for name, tensor in expected.items():
         tied_groups.setdefault(id(tensor), []).append(name)
 
-    # Plan from the headers alone: every name and shape is checked before any data is read.
-    plan: dict[str, TensorEntry] = {}  # model name -> where its data lies
-    unexpected = []
-    for entry in find_tensors(folder).values():
-        name = table.model_key(entry.key)
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(entry.key)
-            continue
-        if name in plan:
-            raise CheckpointError(f"{folder}: tensors {plan[name].key!r} and {entry.key!r} both load into {name!r}")
-        want = tuple(expected[name].shape)
-        if entry.shape != want:
-            raise CheckpointError(
-                f"{entry.file}: tensor {entry.key!r} has shape {list(entry.shape)}, the config asks for {list(want)}"
-            )
-        plan[name] = entry
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: {len(unexpected)} tensors in the checkpoint fit no part of the model, e.g. {unexpected[:5]}; "
-            "is config.json from the same checkpoint?"
-        )
-    missing = [names[0] for names in tied_groups.values() if not any(n in plan for n in names)]
-    if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} tensors are missing from the checkpoint, e.g. {missing[:5]}")
+    # Plan from the headers alone: every name, shape and dtype is checked before any data is read,
+    # and the parameter count config.json describes against what the files hold.
+    plan = plan_tensors(expected, tied_groups, find_tensors(folder), table, folder)
 
     loaded: dict[str, torch.Tensor] = {}
     for names in tied_groups.values():
@@ -380,6 +391,85 @@ def load_weights(
                 setattr(model.get_submodule(owner), attr, model.get_parameter(first))
     # Parameters are in place already; this moves the derived buffers (RoPE's inv_freq) along.
     return model.to(device).eval()
+
+
+@dataclass
+class Mismatch:
+    """What differs between the model config.json describes and the tensors the files hold."""
+
+    unexpected: list[TensorEntry]  # in the files, fitting no part of the model
+    missing: list[str]  # model names (one per tied group) that no file holds
+    wrong_shape: list[tuple[TensorEntry, tuple[int, ...]]]  # (entry, the shape the model wants)
+    wrong_dtype: list[TensorEntry]  # an integer or bool tensor where the model has a floating one
+    duplicates: list[tuple[TensorEntry, TensorEntry, str]]  # two tensors loading into one name
+    want_params: int  # elements the model has (tied tensors once)
+    have_params: int  # elements of the tensors that load into it
+
+
+def compare_tensors(expected: dict[str, torch.Tensor], tied_groups: dict[int, list[str]],
+                    tensors: dict[str, TensorEntry], table: KeyTable) -> tuple[dict[str, TensorEntry], Mismatch]:  # fmt: skip
+    """Match the files' tensors to the model's names from the headers alone (no data is read):
+    the plan (model name -> entry) and every mismatch found."""
+    plan: dict[str, TensorEntry] = {}
+    bad = Mismatch([], [], [], [], [], sum(expected[names[0]].numel() for names in tied_groups.values()), 0)
+    for entry in tensors.values():
+        name = table.model_key(entry.key)
+        if name is None:
+            continue
+        if name not in expected:
+            bad.unexpected.append(entry)
+            continue
+        bad.have_params += math.prod(entry.shape)
+        if name in plan:
+            bad.duplicates.append((plan[name], entry, name))
+            continue
+        want = tuple(expected[name].shape)
+        if entry.shape != want:
+            bad.wrong_shape.append((entry, want))
+        elif expected[name].dtype.is_floating_point and not entry.dtype.is_floating_point:
+            bad.wrong_dtype.append(entry)
+        plan[name] = entry
+    bad.missing = [names[0] for names in tied_groups.values() if not any(n in plan for n in names)]
+    bad.have_params -= sum(math.prod(plan[n].shape) for names in tied_groups.values() for n in names[1:] if n in plan)
+    return plan, bad
+
+
+def plan_tensors(expected: dict[str, torch.Tensor], tied_groups: dict[int, list[str]],
+                 tensors: dict[str, TensorEntry], table: KeyTable, folder: Path) -> dict[str, TensorEntry]:  # fmt: skip
+    """The plan of `compare_tensors`, or a CheckpointError for the first kind of mismatch."""
+    plan, bad = compare_tensors(expected, tied_groups, tensors, table)
+    counts = f"config.json describes {bad.want_params:,} parameters, the checkpoint's tensors hold {bad.have_params:,}"
+    if bad.duplicates:
+        first, second, name = bad.duplicates[0]
+        raise CheckpointError(f"{folder}: tensors {first.key!r} and {second.key!r} both load into {name!r}")
+    if bad.wrong_shape:
+        entry, want = bad.wrong_shape[0]
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.key!r} has shape {list(entry.shape)}, the config asks for {list(want)}"
+            + (f" ({counts})" if bad.want_params != bad.have_params else "")
+        )
+    if bad.unexpected:
+        keys = [e.key for e in bad.unexpected]
+        raise CheckpointError(
+            f"{folder}: {len(keys)} tensors in the checkpoint fit no part of the model, e.g. {keys[:5]}; "
+            f"is config.json from the same checkpoint? ({counts})"
+        )
+    if bad.missing:
+        raise CheckpointError(
+            f"{folder}: {len(bad.missing)} tensors are missing from the checkpoint, e.g. {bad.missing[:5]} ({counts})"
+        )
+    if bad.wrong_dtype:
+        entry = bad.wrong_dtype[0]
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.key!r} is stored as {dtype_name(entry.dtype)}; expected a floating-point "
+            "dtype (F32, F16, BF16) for a weight"
+        )
+    return plan
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype: torch.int32 -> 'I32'."""
+    return next((k for k, v in SAFETENSORS_DTYPES.items() if v == dtype), str(dtype))
 
 
 @contextlib.contextmanager
