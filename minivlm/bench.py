@@ -45,6 +45,17 @@ print(json.dumps({"seconds": seconds, "peak": peak, "peak_after_forward": status
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (0 repeats would time nothing, 0 words encode nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least 1")
+    return value
+
+
 def proc_status(field: str) -> int:
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status") as f:
@@ -376,34 +387,34 @@ def _vlm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"], help="transformers' attention")
-    p.add_argument("--text-tokens", type=int, default=32)
+    p.add_argument("--text-tokens", type=positive_int, default=32)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against transformers in the same run")
     which = p.add_subparsers(dest="target", required=True)
     loader = which.add_parser("loader", help="checkpoint load time, peak host memory and a text forward")
-    loader.add_argument("--hidden", type=int, default=1024)
-    loader.add_argument("--layers", type=int, default=8)
-    loader.add_argument("--vocab", type=int, default=32000)
-    loader.add_argument("--seq", type=int, default=256)
-    loader.add_argument("--repeats", type=int, default=3)
+    loader.add_argument("--hidden", type=positive_int, default=1024)
+    loader.add_argument("--layers", type=positive_int, default=8)
+    loader.add_argument("--vocab", type=positive_int, default=32000)
+    loader.add_argument("--seq", type=positive_int, default=256)
+    loader.add_argument("--repeats", type=positive_int, default=3)
     loader.set_defaults(run=bench_loader)
     vlm = which.add_parser("vlm", help="vision tower and image+prompt forward of a LLaVA-Interleave model")
     _vlm_args(vlm)
-    vlm.add_argument("--images", type=int, default=1)
-    vlm.add_argument("--repeats", type=int, default=5)
+    vlm.add_argument("--images", type=positive_int, default=1)
+    vlm.add_argument("--repeats", type=positive_int, default=5)
     vlm.set_defaults(run=bench_vlm)
     gen = which.add_parser("generate", help="time to first token and decode speed against transformers' generate")
     _vlm_args(gen)
-    gen.add_argument("--new-tokens", type=int, default=64)
-    gen.add_argument("--repeats", type=int, default=3)
+    gen.add_argument("--new-tokens", type=positive_int, default=64)
+    gen.add_argument("--repeats", type=positive_int, default=3)
     gen.set_defaults(run=bench_generate)
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
-    tok.add_argument("--words", type=int, default=1_000_000)
+    tok.add_argument("--words", type=positive_int, default=1_000_000)
     tok.add_argument("--tokenizer", help="a tokenizer folder to time instead of one trained here (--kind is then ignored)")
-    tok.add_argument("--repeats", type=int, default=3)
+    tok.add_argument("--repeats", type=positive_int, default=3)
     tok.set_defaults(run=bench_tokenizer)
 
     kernels = which.add_parser("kernels", help="the Triton kernels against torch eager and SDPA (CUDA)")

@@ -4,6 +4,7 @@ progress, load time and speed go to stderr; a bad input is one line on stderr an
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"  # the smallest seed checkpoint
+DTYPE_NAMES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"]  # load.DTYPES' names
+CHAT_COMMANDS = "/image FILE (attach to the next message), /reset, /quit"
 
 
 def add_parsers(sub) -> None:
@@ -38,9 +41,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's, float32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, help="a whole number; sampling with the same seed repeats its answer")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
+                   help="float32, bfloat16 or float16 (default: the checkpoint's, float32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -49,13 +54,10 @@ def log(message: str) -> None:
 
 def _load(args):
     """Model and processor, with the load time on stderr."""
-    from .generation import Sampling, check_max_new_tokens
     from .hub import resolve_checkpoint
     from .load import load_model, load_processor
 
-    # Check the generation settings before minutes of loading, not after.
-    Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    check_args(args)
     start = time.perf_counter()
     folder = resolve_checkpoint(args.model)
     dtype = args.dtype or ("float32" if args.device == "cpu" else None)
@@ -64,6 +66,27 @@ def _load(args):
     weight = next(model.parameters())
     log(f"loaded {folder} ({weight.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s")
     return model, processor
+
+
+def check_args(args) -> None:
+    """The generation settings and the device, checked before minutes of loading, not after
+    (GenerationError: one line on stderr, exit status 1). Sampling settings that greedy decoding
+    (temperature 0) ignores get a notice on stderr."""
+    from .generation import Sampling, check_device, check_max_new_tokens, check_seed
+
+    def flag(name, value):  # the messages name the command-line flag
+        return f"--{name.replace('_', '-')} {value!r}"
+
+    Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    check_seed(args.seed, "--seed")
+    check_device(args.device, "--device")
+    if args.temperature == 0:
+        ignored = [f for f, on in (("--top-p", args.top_p != 1.0), ("--top-k", args.top_k != 0),
+                                   ("--seed", args.seed is not None)) if on]  # fmt: skip
+        if ignored:
+            log(f"minivlm: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at "
+                "--temperature 0 (greedy); give a temperature above 0 to sample")  # fmt: skip
 
 
 def _generation(args) -> dict:
@@ -91,6 +114,7 @@ def run_generate(args) -> None:
     model, processor = _load(args)
     inputs = processor(text=_prompt(processor, args.prompt, len(images)), images=images or None)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    note_cut(model, inputs["input_ids"].shape[1], args.max_new_tokens)
     start, first, count = time.perf_counter(), None, 0
 
     def on_token(_):
@@ -107,40 +131,100 @@ def run_generate(args) -> None:
     log(f"{inputs['input_ids'].shape[1]} prompt tokens; first token after {first - start:.2f} s{decode}; {count} tokens")
 
 
+def note_cut(model, prompt_len: int, max_new_tokens: int) -> None:
+    """A notice on stderr when the context leaves fewer new tokens than --max-new-tokens asks for."""
+    from .generation import defaults_of
+
+    context = defaults_of(model).max_positions
+    if context is not None and prompt_len < context and prompt_len + max_new_tokens > context:
+        log(f"minivlm: note: --max-new-tokens {max_new_tokens} cut to {context - prompt_len}: the prompt is "
+            f"{prompt_len} tokens and the model's context {context}")  # fmt: skip
+
+
+def _read_line(prompt: str) -> str | None:
+    """One line of stdin; None at its end. Ctrl-C at the prompt gives an empty line, as Python's
+    own prompt does (Ctrl-D or /quit ends the chat)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return ""
+
+
 def run_chat(args) -> None:
+    """The chat loop. A turn that fails (an image that cannot be read, a turn longer than the
+    context, a typed special token the tokenizer cannot take) prints one line on stderr and is
+    dropped; Ctrl-C during an answer stops it and drops the turn (the model never saw it: the next
+    turn follows the last answered one); the chat goes on either way."""
     from .conversation import Conversation
     from .processing.image import ImageError, load_image
 
     model, processor = _load(args)
     chat = Conversation(model, processor, system=args.system, **_generation(args))
-    log("commands: /image FILE (attach to the next message), /reset, /quit")
+    log(f"commands: {CHAT_COMMANDS}")
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 arrive as lone surrogates (refused below), not as a decode error
+        # that would lose the rest of the input.
+        sys.stdin.reconfigure(errors="surrogateescape")
     pending: list = []
     while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
+        line = _read_line("> " if sys.stdin.isatty() else "")
+        if line is None:
             return
         line = line.strip()
         if not line:
             continue
-        if line in ("/quit", "/exit"):
+        if any("\ud800" <= c <= "\udfff" for c in line):
+            log("minivlm: error: that line is not valid UTF-8 text; it was skipped")
+            continue
+        command = line.split(maxsplit=1)[0]
+        if command in ("/quit", "/exit"):
             return
-        if line == "/reset":
+        if command == "/reset":
             chat.reset()
             pending = []
+            log("the conversation starts over")
             continue
-        if line.startswith("/image"):
+        if command == "/image":
             try:
                 pending.append(load_image(line[len("/image") :].strip()))
                 log(f"image {len(pending)} attached")
             except ImageError as e:
                 log(f"minivlm: {e}")  # one bad path does not end the chat
             continue
-        for piece in chat.say(line, pending):
-            sys.stdout.write(piece)
+        if command.startswith("/") and re.fullmatch(r"/[A-Za-z_-]+", command):
+            log(f"minivlm: unknown command {command}; the commands are {CHAT_COMMANDS}")
+            continue
+        images, pending = pending, []
+        answer, wrote = chat.say(line, images), False
+        try:
+            for piece in answer:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                wrote = True
+        except KeyboardInterrupt:
+            answer.close()  # the turn is dropped (Conversation.say restores the state before it)
+            sys.stdout.write("\n" if wrote else "")
             sys.stdout.flush()
+            log("minivlm: answer interrupted; the turn is dropped" + _dropped(images))
+            continue
+        except Exception as e:  # one turn's error never ends the chat
+            answer.close()
+            sys.stdout.write("\n" if wrote else "")
+            sys.stdout.flush()
+            # Errors about the input (ValueError: ProcessorError, GenerationError, ...) say what is
+            # wrong; anything else is a bug of ours, named by its class.
+            what = str(e) if isinstance(e, (ValueError, TypeError, OSError)) else f"{type(e).__name__}: {e}"
+            log(f"minivlm: error: {what}" + _dropped(images))
+            continue
         sys.stdout.write("\n")
-        pending = []
+        sys.stdout.flush()
+
+
+def _dropped(images: list) -> str:
+    return f" (with its {len(images)} image(s): attach them again with /image)" if images else ""
 
 
 def run_download(args) -> None:

@@ -18,6 +18,42 @@ from . import ops
 from .config import TextConfig
 
 
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> None:
+    """Refuse what the embedding and the mask would turn into an index error (a device assert on
+    CUDA) or a silently wrong answer: ids that are not integers or lie outside the vocabulary, a
+    mask that is not 0/1 or has a hole (a 0 between 1s: positions would skip it, transformers'
+    forward would not). Costs one host sync; generation's decode steps skip it."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids is a {type(input_ids).__name__}; expected a tensor of token ids (batch, length)")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids are {input_ids.dtype}; expected integer token ids (torch.long)")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, length)")
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids hold the id {bad}; the model's vocabulary has ids 0 to {vocab_size - 1}")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask is a {type(attention_mask).__name__}; expected a tensor of 0s and 1s")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask holds values other than 0 and 1; expected 1 for a token, 0 for padding")
+    mask = attention_mask.long()
+    if mask.dim() == 2 and mask.shape[1] > 2:
+        # a hole: a 0 with a 1 somewhere before it and somewhere after it in its row
+        before = mask.cummax(dim=1).values.bool()
+        after = mask.flip(1).cummax(dim=1).values.flip(1).bool()
+        hole = before & after & (mask == 0)
+        if bool(hole.any()):
+            row, col = (int(i) for i in hole.nonzero()[0])
+            raise ValueError(
+                f"attention_mask row {row} has a 0 at position {col} between 1s; padding goes on the left "
+                "or the right of a row, never inside it"
+            )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -199,8 +235,12 @@ class DecoderLM(nn.Module):
         *,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        check_ids: bool = True,
     ) -> torch.Tensor:
-        """input_ids (batch, seq) -> logits (batch, seq, vocab); only the last `logits_to_keep` if > 0."""
+        """input_ids (batch, seq) -> logits (batch, seq, vocab); only the last `logits_to_keep` if > 0.
+        check_ids: refuse bad ids and masks first (check_inputs); generation's decode steps skip it."""
+        if check_ids:
+            check_inputs(input_ids, attention_mask, self.config.vocab_size)
         hidden = self.model(self.model.embed_tokens(input_ids), attention_mask, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]

@@ -17,6 +17,8 @@ every row is done (and to read the token where streaming or a stop string needs 
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .decoder import KVCache
+from .decoder import DecoderLM, KVCache
 from .processing.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -77,6 +79,12 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1: off
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GenerationError(f"{name} {value!r}: expected a finite number")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise GenerationError(f"top_k {self.top_k!r}: expected a whole number (0 is off)")
         if self.temperature < 0:
             raise GenerationError(f"temperature {self.temperature}: expected 0 (greedy) or more")
         if self.top_k < 0:
@@ -171,17 +179,148 @@ def check_max_new_tokens(max_new_tokens, name: str = "max_new_tokens") -> None:
         raise GenerationError(f"{name} {max_new_tokens!r}: expected a positive number of tokens")
 
 
-def _check(input_ids: torch.Tensor, max_new_tokens: int, defaults: GenerationDefaults) -> int:
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    """None (a fresh random seed) or an integer torch can seed a generator with."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GenerationError(f"{name} {seed!r}: expected a whole number")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise GenerationError(f"{name} {seed}: expected a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on: cpu, each CUDA GPU, mps."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """A device this machine has (cpu, cuda, cuda:N, mps), or a GenerationError naming those it has.
+    "meta" holds no values, so nothing can run on it."""
+    here = available_devices()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise GenerationError(f"{name} {device!r}: not a device name; this machine has {', '.join(here)}") from None
+    label = str(d) if d.index is not None or d.type in ("cpu", "mps") else f"{d.type}:0"
+    if d.type == "cpu":
+        return d
+    if label not in here:
+        raise GenerationError(f"{name} {device!r}: this machine has no such device; it has {', '.join(here)}")
+    return d
+
+
+def check_context(prompt_len: int, max_new_tokens: int, defaults: GenerationDefaults, past: int = 0) -> int:
+    """max_new_tokens cut to what the context leaves after the cached tokens and the prompt."""
     check_max_new_tokens(max_new_tokens)
+    context = defaults.max_positions
+    if context is None:
+        return max_new_tokens
+    if past + prompt_len >= context:
+        what = f"the prompt is {prompt_len} tokens"
+        if past:
+            what = f"the conversation is {past + prompt_len} tokens ({past} earlier, {prompt_len} new)"
+        raise GenerationError(
+            f"{what}; the model's context is {context} (max_position_embeddings), so no token is left to generate"
+        )
+    return min(max_new_tokens, context - past - prompt_len)
+
+
+def _check(input_ids, max_new_tokens: int, defaults: GenerationDefaults, past: int = 0) -> int:
+    check_max_new_tokens(max_new_tokens)
+    if not isinstance(input_ids, torch.Tensor):
+        raise GenerationError(f"input_ids is a {type(input_ids).__name__}; expected a tensor of token ids (batch, length)")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt length > 0)")
-    context = defaults.max_positions
-    if context is not None and input_ids.shape[1] >= context:
+    return check_context(input_ids.shape[1], max_new_tokens, defaults, past)
+
+
+def check_mask(attention_mask: torch.Tensor, shape: tuple[int, int]) -> None:
+    """A generation mask: (batch, cached + prompt) of 0 and 1, padding (0) only on the left."""
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise GenerationError(f"attention_mask is {got}; expected a tensor of shape (batch, cached + prompt) = {shape}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise GenerationError("attention_mask holds values other than 0 and 1; expected 1 for a token, 0 for padding")
+    if not bool(attention_mask[:, -1].all()):
         raise GenerationError(
-            f"the prompt is {input_ids.shape[1]} tokens; the model's context is {context} "
-            "(max_position_embeddings), so no token is left to generate"
+            "the batch is padded on the right, so its shorter rows would continue from padding; "
+            "pad on the left (processor(..., padding_side='left'))"
         )
-    return min(max_new_tokens, context - input_ids.shape[1]) if context is not None else max_new_tokens
+    steps = attention_mask[:, 1:].long() - attention_mask[:, :-1].long()  # -1 where a 1 is followed by a 0
+    if bool((steps < 0).any()):
+        row = int((steps < 0).any(dim=1).nonzero()[0])
+        raise GenerationError(
+            f"attention_mask row {row} has a 0 between 1s: a hole in a prompt is not padding; "
+            "expected 0s only on the left (left padding), then 1s"
+        )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on device (None where it cannot be told): CUDA's free
+    memory plus what torch's allocator holds unused; on the CPU, /proc/meminfo's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def cache_bytes(model: nn.Module, batch: int, slots: int) -> tuple[int, torch.device]:
+    """The bytes of a KV cache of batch rows of slots tokens for model, and the device it goes on."""
+    lm = getattr(model, "language_model", model)
+    config = lm.config
+    weight = lm.lm_head.weight
+    per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * weight.element_size()
+    return batch * slots * per_slot, weight.device
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def check_cache_memory(model: nn.Module, batch: int, slots: int, what: str = "") -> None:
+    """Refuse a KV cache that does not fit in the memory the device has left, before allocating it
+    (torch would fail with a traceback, or the OS kill the process). Skipped where the model has
+    no `lm_head` or the device cannot tell its free memory."""
+    try:
+        need, device = cache_bytes(model, batch, slots)
+    except AttributeError:  # a model without the decoder's layout (a test's scripted model)
+        return
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise GenerationError(
+            f"the KV cache for {batch} row(s) of {slots} tokens{what} needs {_gib(need)}, and {device} has "
+            f"{_gib(have)} available; ask for fewer new tokens or a smaller batch "
+            "(check_memory=False skips this check)"
+        )
+
+
+def new_cache(model: nn.Module, batch: int, slots: int, check_memory: bool = True, what: str = "") -> KVCache:
+    """model.new_cache(batch, slots), its size checked against the free memory first."""
+    if check_memory:
+        check_cache_memory(model, batch, slots, what)
+    return model.new_cache(batch, slots)
 
 
 @torch.inference_mode()
@@ -195,6 +334,7 @@ def generate_steps(
     stop: StopRules | None = None,
     seed: int | None = None,
     cache: KVCache | None = None,
+    check_memory: bool = True,
     **image_inputs,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields (tokens (batch,), done (batch,) bool) for each new position, the tokens already
@@ -202,23 +342,34 @@ def generate_steps(
 
     cache: an existing KV cache whose filled slots are the context before input_ids (a chat's
     earlier turns); attention_mask then covers those slots too. None: a fresh cache.
+    check_memory: refuse (GenerationError) a KV cache larger than the memory the device has
+    available before allocating it; False skips the check (memory the OS would swap in, say).
     """
     defaults = defaults_of(model)
-    max_new_tokens = _check(input_ids, max_new_tokens, defaults)
+    past = cache.length if cache is not None else 0
+    max_new_tokens = _check(input_ids, max_new_tokens, defaults, past)
+    check_seed(seed)
+    if isinstance(input_ids, torch.Tensor) and (input_ids.is_floating_point() or input_ids.is_complex()
+                                                or input_ids.dtype == torch.bool):  # fmt: skip
+        raise GenerationError(f"input_ids are {input_ids.dtype}; expected integer token ids (torch.long)")
+    vocab = getattr(getattr(getattr(model, "language_model", model), "config", None), "vocab_size", None)
+    if vocab is not None:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise GenerationError(f"input_ids hold the id {bad}; the model's vocabulary has ids 0 to {vocab - 1}")
     stop = stop or StopRules(set(defaults.eos_token_ids))
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    past = cache.length if cache is not None else 0
     if attention_mask is None:
         attention_mask = torch.ones(batch, past + prompt_len, dtype=torch.long, device=device)
-    if not bool(attention_mask[:, -1].all()):
-        raise GenerationError(
-            "the batch is padded on the right, so its shorter rows would continue from padding; "
-            "pad on the left (processor(..., padding_side='left'))"
-        )
+    check_mask(attention_mask, (batch, past + prompt_len))
+    what = f" (prompt {past + prompt_len} + {max_new_tokens} new)"
     if cache is None:
-        cache = model.new_cache(batch, prompt_len + max_new_tokens)
+        cache = new_cache(model, batch, prompt_len + max_new_tokens, check_memory, what)
     else:
+        if check_memory and past + prompt_len + max_new_tokens > cache.max_len:
+            check_cache_memory(model, batch, past + prompt_len + max_new_tokens, what)
         cache.reserve(past + prompt_len + max_new_tokens)
     pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
     generator = None
@@ -259,6 +410,9 @@ class DecodeStep:
 
     def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor):
         self.model = getattr(model, "language_model", model)
+        # Sampled ids are rows of lm_head, so inside the vocabulary: the model's check of its input
+        # ids (a host sync) is skipped where it can be.
+        self.options = {"check_ids": False} if isinstance(self.model, DecoderLM) else {}
         self.cache, self.mask = cache, attention_mask
         # Without padding the mask says nothing that positions 0, 1, 2, ... do not: leave it out,
         # and each step is spared building and applying it (one host sync here, not one a step).
@@ -266,9 +420,9 @@ class DecodeStep:
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         if not self.padded:
-            return self.model(token[:, None], cache=self.cache, logits_to_keep=1)[:, -1]
+            return self.model(token[:, None], cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        return self.model(token[:, None], self.mask, cache=self.cache, logits_to_keep=1)[:, -1]
+        return self.model(token[:, None], self.mask, cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
 
 
 def generate(
@@ -284,6 +438,7 @@ def generate(
     seed: int | None = None,
     stop=None,
     tokenizer: Tokenizer | None = None,
+    check_memory: bool = True,
     **image_inputs,
 ) -> torch.Tensor:
     """The new token ids (batch, new) after the prompt; rows that finished early are padded with
@@ -291,11 +446,17 @@ def generate(
 
     stop: strings or token ids (besides the checkpoint's EOS) that end a row; the token that
     completes one is kept, as transformers keeps the EOS. Strings need `tokenizer`.
+
+    Bad arguments raise GenerationError before any work: ids outside the vocabulary, an attention
+    mask that is not 0/1 left padding, a sampling setting that is not a finite number in range, a
+    seed that is no integer, a prompt that fills the context. check_memory (default True) refuses a
+    KV cache for prompt + max_new_tokens larger than the device's available memory (CUDA's free
+    memory, the CPU's MemAvailable) before allocating it; check_memory=False skips that check.
     """
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
     rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
     steps = generate_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling,
-                           stop=rules, seed=seed, **image_inputs)  # fmt: skip
+                           stop=rules, seed=seed, check_memory=check_memory, **image_inputs)  # fmt: skip
     tokens = [token for token, _ in steps]
     return torch.stack(tokens, dim=1)
 
@@ -315,12 +476,15 @@ def stream(
     stop=None,
     on_token=None,
     cache: KVCache | None = None,
+    check_memory: bool = True,
     **image_inputs,
 ) -> Iterator[str]:
     """One prompt's answer as text pieces, as the tokens arrive: never half a UTF-8 character,
     special tokens left out, a stop string and what follows it never shown (text that might be
-    the start of one is held back until it is not). on_token(id) sees every new id."""
-    if input_ids.shape[0] != 1:
+    the start of one is held back until it is not). on_token(id) sees every new id. An id the
+    tokenizer lacks (an embedding row past its vocabulary) shows as nothing. The arguments and
+    check_memory are generate()'s."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
         raise GenerationError(f"stream() takes one prompt; input_ids has {input_ids.shape[0]} rows (use generate)")
     tokenizer = getattr(processor, "tokenizer", processor)
     rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
@@ -330,7 +494,8 @@ def stream(
     rules.strings = []  # matched here on the streamed text instead
     held = ""  # text not yet shown: it may be the start of a stop string
     for token, done in generate_steps(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                      sampling=sampling, stop=rules, seed=seed, cache=cache, **image_inputs):  # fmt: skip
+                                      sampling=sampling, stop=rules, seed=seed, cache=cache,
+                                      check_memory=check_memory, **image_inputs):  # fmt: skip
         t = int(token[0])
         if on_token is not None:
             on_token(t)

@@ -13,6 +13,7 @@ transformers is needed here (`pip install "minivlm[test]"`) and nowhere else in 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ class Row:
     note: str = ""
 
     def beyond(self, tolerance: float) -> bool:
-        return bool(self.note.startswith("shapes")) or self.rel > tolerance
+        # "not <=": a NaN difference is beyond every tolerance
+        return bool(self.note.startswith("shapes")) or not self.rel <= tolerance
 
 
 def check_twin(model_type: str) -> None:
@@ -151,8 +153,12 @@ def compare(
             rows.append(Row(stage, tuple(b.shape), note=f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"))
             continue
         diff = (a.float() - b.float()).abs().flatten()
-        diff = diff.nan_to_num(nan=float("inf"))  # a NaN on either side is a divergence, not a pass
-        scale = float(b.float().abs().max()) or 1.0
+        # A NaN on either side (or on both: all-NaN weights) is a divergence, not a pass; so is an
+        # inf on both sides (inf - inf is NaN).
+        diff = diff.nan_to_num(nan=float("inf"))
+        finite = b.float().abs().flatten()
+        finite = finite[finite.isfinite()]
+        scale = (float(finite.max()) if finite.numel() else 0.0) or 1.0
         worst = int(diff.argmax())
         beyond = (diff > tolerance * scale).nonzero()
         rows.append(Row(stage, tuple(b.shape), float(diff[worst]), float(diff[worst]) / scale, index(worst, b.shape),
@@ -192,12 +198,24 @@ def add_parser(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image (repeat for several; default: one synthetic 640x480 picture for a VLM)")  # fmt: skip
     p.add_argument("--prompt", default="Describe the picture in one sentence.")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tolerance", type=float,
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   metavar="DTYPE", help="float32 (default), bfloat16 or float16")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--tolerance", type=positive_float,
                    help="largest relative difference accepted per stage (default 1e-4 in float32, "
                         "5e-2 in bfloat16, 1e-2 in float16)")  # fmt: skip
     p.set_defaults(run=run_parity)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a NaN tolerance would pass every stage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number above 0")
+    return value
 
 
 def synthetic_image():
@@ -228,11 +246,13 @@ def load_transformers(folder, model_type: str, dtype: torch.dtype, device: str) 
 def run_parity(args: argparse.Namespace) -> int:
     from .cli import _prompt, log
     from .config import read_config
+    from .generation import check_device
     from .hub import resolve_checkpoint
     from .load import FAMILIES, load_model, load_processor, parse_dtype
     from .processing.image import load_image
 
     dtype = parse_dtype(args.dtype)
+    check_device(args.device, "--device")
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[dtype]
     folder = resolve_checkpoint(args.model)
     model_type = read_config(folder).get("model_type")

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import VLMConfig
 from .connector import build_connector
-from .decoder import DecoderLM, KVCache
+from .decoder import DecoderLM, KVCache, check_inputs
 from .processing.tiling import anyres_grid, unpadded_size
 from .vision import VisionTower
 
@@ -83,6 +83,7 @@ class VLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """The names of transformers' processor outputs -> logits (batch, seq, vocab)."""
+        check_inputs(input_ids, attention_mask, self.config.text.vocab_size)
         embeds = self.embed(
             input_ids, pixel_values, image_sizes=image_sizes, pixel_attention_mask=pixel_attention_mask
         )
@@ -105,7 +106,14 @@ class LlavaNext(VLM):
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (images, 2): each image's original (height, width)")
         tile = self.config.vision.image_size
-        sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).tolist()]
+        image_sizes = torch.as_tensor(image_sizes)
+        if image_sizes.dim() != 2 or image_sizes.shape[1] != 2 or image_sizes.is_floating_point():
+            raise ValueError(f"image_sizes has shape {tuple(image_sizes.shape)} ({image_sizes.dtype}); expected "
+                             "(images, 2) whole numbers: each image's original (height, width)")  # fmt: skip
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        for i, (h, w) in enumerate(sizes):
+            if h < 1 or w < 1:
+                raise ValueError(f"image_sizes[{i}] is ({h}, {w}); expected an image's height and width, each at least 1 pixel")
         grids = [anyres_grid(h, w, self.config.image_grid_pinpoints, tile) for h, w in sizes]
         tiles = [rows * cols + 1 for rows, cols in grids]  # + the base view
         if pixel_values.dim() == 5:  # padded per image: keep each image's real tiles
@@ -152,7 +160,21 @@ class Idefics3(VLM):
         flat = pixel_values.reshape(b * k, c, height, width)
         real = flat.flatten(1).ne(0).any(dim=1)  # (b*k,): an image of zeros is padding
         flat = flat[real]
-        mask = None if pixel_attention_mask is None else pixel_attention_mask.reshape(b * k, height, width)[real]
+        mask = None
+        if pixel_attention_mask is not None:
+            if tuple(pixel_attention_mask.shape) != (b, k, height, width):
+                raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected "
+                                 f"{(b, k, height, width)}, one mask per image of pixel_values")  # fmt: skip
+            mask = pixel_attention_mask.reshape(b * k, height, width)
+            # A real image whose mask has no pixel would give the tower no patch at all: NaN features.
+            empty = real & ~mask.flatten(1).bool().any(dim=1)
+            if bool(empty.any()):
+                i = int(empty.nonzero()[0])
+                raise ValueError(
+                    f"pixel_attention_mask of image {i % k} of row {i // k} is all zeros, but its pixels are not: "
+                    "expected 1 on the image's real pixels (at least one)"
+                )
+            mask = mask[real]
         features = self.vision_tower(flat, patch_mask_of(mask, flat, p))  # (n, patches, hidden), post-norm
         return list(self.multi_modal_projector(features))
 
