@@ -5,6 +5,7 @@
     download   fetch a hub checkpoint into weights/
     bench      benchmarks against transformers, in the same process
     parity     minivlm against transformers, layer by layer, on one checkpoint
+    doctor     check a checkpoint folder and list every problem found
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cli, parity
+from . import bench, cli, doctor, parity
 from .config import ConfigError
 from .generation import GenerationError
 from .parity import ParityError
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_parsers(sub)
     bench.add_parser(sub)
     parity.add_parser(sub)
+    doctor.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         status = args.run(args)  # None, or an exit status (parity: 1 when the models part)
