@@ -65,7 +65,7 @@ class Doctor:
     def add(self, what: str, where: str | Path, expected: str) -> None:
         self.problems.append(Problem(what, str(where), expected))
 
-    def add_error(self, e: Exception, where: str | Path, expected: str) -> None:
+    def add_error(self, e: Exception | str, where: str | Path, expected: str) -> None:
         """A problem from one of minivlm's errors; its message (which names the file) is the 'what'."""
         message = " ".join(str(e).split())
         for prefix in (f"{self.folder}/", f"{self.folder}: "):
@@ -96,7 +96,7 @@ class Doctor:
                 try:
                     open_regular(path, CheckpointError).close()
                 except CheckpointError as e:
-                    self.add_error(e, name, "a regular file")
+                    self.add_error(str(e).split("; expected")[0], name, "a regular file")
         if not (self.folder / "config.json").exists():
             self.add("no config.json", self.folder, "config.json, as the hub stores it beside the weights")
 
