@@ -90,6 +90,9 @@ def load_model(
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
 
     dtype None keeps the dtype config.json records (transformers' `dtype="auto"`), else float32.
+    config.json's sizes are bounded (config.SIZE_LIMITS; MINIVLM_TRUST_CONFIG=1 lifts the bounds),
+    and every tensor's name, shape and dtype is checked against the model from the headers alone,
+    before any memory is allocated for weights. `python -m minivlm doctor PATH` lists every problem.
     """
     folder = resolve_checkpoint(path_or_id)
     family, config = read_family_config(folder)
