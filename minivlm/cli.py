@@ -103,6 +103,18 @@ def _prompt(processor, text: str, n_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def _inputs(processor, text: str, images: list) -> dict:
+    """The model inputs of one user message. In a chat template, the user's text stays text: a
+    special token typed in it is not a control token (see conversation.py)."""
+    if processor.chat_template is None:
+        return processor(text=_prompt(processor, text, len(images)), images=images or None)
+    from .conversation import render_segments, tokenize_segments
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    _, segments = render_segments(processor, [{"role": "user", "content": content}])
+    return tokenize_segments(processor, segments, images, first=True)
+
+
 def run_generate(args) -> None:
     from .generation import stream
     from .processing.image import load_image, load_video_frames
@@ -112,7 +124,7 @@ def run_generate(args) -> None:
     if args.video_frames:
         images += load_video_frames(args.video_frames)  # LLaVA-Interleave: a video is its frames, one image each
     model, processor = _load(args)
-    inputs = processor(text=_prompt(processor, args.prompt, len(images)), images=images or None)
+    inputs = _inputs(processor, args.prompt, images)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     note_cut(model, inputs["input_ids"].shape[1], args.max_new_tokens)
     start, first, count = time.perf_counter(), None, 0
