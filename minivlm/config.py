@@ -72,9 +72,9 @@ def number(value: Any, key: str, source: str, positive: bool = False) -> float:
     return float(value)
 
 
-def token_id(value: Any, key: str, source: str) -> int | None:
-    """A token id: None or a non-negative integer."""
-    return None if value is None else size(value, key, source, minimum=0)
+def token_id(value: Any, key: str, source: str, minimum: int = 0) -> int | None:
+    """A token id: None or an integer of at least `minimum` (older Llama configs write pad -1)."""
+    return None if value is None else size(value, key, source, minimum=minimum)
 
 
 # model_type -> what is specific to that family. Everything else is shared Llama-family structure.
@@ -219,7 +219,7 @@ class TextConfig:
             sliding_windows=_sliding_windows(d, model_type, num_layers, source),
             bos_token_id=token_id(d.get("bos_token_id"), "bos_token_id", source),
             eos_token_id=eos,
-            pad_token_id=token_id(d.get("pad_token_id"), "pad_token_id", source),
+            pad_token_id=token_id(d.get("pad_token_id"), "pad_token_id", source, minimum=-1),
             dtype=d.get("dtype") or d.get("torch_dtype"),
         )
 
