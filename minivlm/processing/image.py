@@ -8,6 +8,8 @@ dtypes gives the same floats, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import os
 import warnings
@@ -20,11 +22,62 @@ from PIL import Image, ImageOps
 # preprocessor_config.json's `resample` numbers are PIL's filter numbers.
 RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
             3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}  # fmt: skip
-MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459 x 9459)
+# The most pixels a decoded image may have: Pillow's own decompression-bomb threshold (about
+# 9459 x 9459). What the tiling makes of it (a resized or padded image, a padded stack of tiles)
+# may hold RESIZED_FACTOR times that: 357,913,940 pixels, 1.4 GB as Pillow holds RGB, enough for
+# LLaVA-1.5's 336 x 1,008,000 resize of a 1 x 3000 line. MINIVLM_MAX_IMAGE_PIXELS overrides the
+# limit, and a processor's `max_image_pixels` overrides that for its own calls.
+MAX_PIXELS = 89_478_485
+RESIZED_FACTOR = 4
+PIXELS_ENV = "MINIVLM_MAX_IMAGE_PIXELS"
+_pixel_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("max_image_pixels", default=None)
 
 
 class ImageError(ValueError):
     """An input that is not a usable image; the message names it."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit now in force: a processor's override, else $MINIVLM_MAX_IMAGE_PIXELS, else MAX_PIXELS."""
+    limit = _pixel_limit.get()
+    if limit is not None:
+        return limit
+    value = os.environ.get(PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_PIXELS
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ImageError(f"{PIXELS_ENV}={value!r}: expected a positive whole number of pixels (default {MAX_PIXELS})")
+    return limit
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None):
+    """Within the block, images may hold at most `limit` pixels (None: the environment's or the default)."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ImageError(f"max_image_pixels {limit!r}: expected a positive int, or None for ${PIXELS_ENV} or {MAX_PIXELS}")
+    token = _pixel_limit.set(limit)
+    try:
+        yield
+    finally:
+        _pixel_limit.reset(token)
+
+
+def check_pixels(height: int, width: int, what: str, count: int = 1) -> None:
+    """Refuse to make `count` images of height x width when that is more pixels than the limit allows."""
+    limit = RESIZED_FACTOR * max_image_pixels()
+    if height < 1 or width < 1:
+        raise ImageError(f"{what}: {width}x{height} pixels; expected at least 1x1")
+    if count * height * width > limit:
+        many = f"{count} x " if count > 1 else ""
+        raise ImageError(
+            f"{what}: {many}{width}x{height} = {count * height * width:,} pixels, over the limit of {limit:,} "
+            f"({RESIZED_FACTOR} x the {limit // RESIZED_FACTOR:,} a decoded image may hold: an image of an extreme "
+            f"aspect ratio or size; set {PIXELS_ENV} or the processor's max_image_pixels to allow more)"
+        )
 
 
 def load_image(source: Any, name: str | None = None) -> Image.Image:
@@ -32,35 +85,64 @@ def load_image(source: Any, name: str | None = None) -> Image.Image:
 
     Files are decoded fully here, so that a truncated file fails now with its name, not later in a
     resize. A file's EXIF orientation is applied (as transformers' `load_image`); a PIL image handed
-    in is taken as it is.
+    in is taken as it is. An animated image (GIF, APNG, WebP) gives its first frame, as in transformers.
     """
     name = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
     if isinstance(source, np.ndarray):
-        if source.ndim not in (2, 3) or source.dtype != np.uint8:
-            raise ImageError(f"{name}: expected a uint8 array (H, W) or (H, W, C), got {source.dtype} {source.shape}")
-        source = Image.fromarray(source)
+        source = _from_array(source, name)
     if isinstance(source, Image.Image):
-        return to_rgb(_checked_size(source, name), name)
+        _checked_size(source, name)
+        try:
+            source.load()  # a lazily opened file: decode now, so that a truncated one fails here
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: cannot decode the image ({e})") from None
+        return to_rgb(source, name)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ImageError(f"{name}: minivlm does not fetch URLs; download the image and pass its path or bytes")
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise ImageError(f"{name}: no such image file")
         with open(source, "rb") as f:
             source = f.read()
+    if isinstance(source, memoryview):
+        source = source.tobytes()
     if not isinstance(source, (bytes, bytearray)):
         raise ImageError(f"{name}: not an image (expected a path, bytes, a numpy array or a PIL image)")
+    if not source:
+        raise ImageError(f"{name}: an empty file (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above its limit and refuses above twice it; minivlm's own limit decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source))
             _checked_size(image, name)
             image.load()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(f"{name}: refusing to decode an image this large ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refusing to decode an image this large ({e}; Pillow's own limit, "
+                         "PIL.Image.MAX_IMAGE_PIXELS, applies too)") from None  # fmt: skip
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{name}: cannot decode the image ({e})") from None
-    return to_rgb(ImageOps.exif_transpose(image), name)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        pass  # unreadable EXIF: the pixels as stored, which is what transformers gets when it cannot rotate
+    return to_rgb(image, name)
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    """uint8 (H, W) or (H, W, C) with C in 1, 2, 3, 4 (grey, grey + alpha, RGB, RGBA) -> a PIL image."""
+    shape = array.shape
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and shape[2] not in (1, 2, 3, 4)):
+        raise ImageError(f"{name}: expected a uint8 array (H, W) or (H, W, C) with C 1, 2, 3 or 4, got {array.dtype} {shape}")
+    if array.ndim == 3 and shape[2] == 1:
+        array = array[:, :, 0]
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"{name}: the image is empty ({shape[1]}x{shape[0]})")
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -84,8 +166,12 @@ def load_video_frames(folder: str | os.PathLike, max_frames: int | None = None) 
 def _checked_size(image: Image.Image, name: str) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{name}: the image is empty ({image.width}x{image.height})")
-    if image.width * image.height > MAX_PIXELS:
-        raise ImageError(f"{name}: refusing to decode {image.width}x{image.height} pixels (limit {MAX_PIXELS})")
+    limit = max_image_pixels()
+    if image.width * image.height > limit:
+        raise ImageError(
+            f"{name}: refusing to decode an image this large (Image size ({image.width * image.height} pixels) "
+            f"exceeds limit of {limit} pixels: {image.width}x{image.height}; set {PIXELS_ENV} to allow more)"
+        )
     return image
 
 
@@ -95,7 +181,16 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
 
     The scaling is a deliberate deviation: transformers converts 16-bit grey with Pillow's plain
     convert("RGB"), which clips every value above 255 and turns most such photos white.
+    A mode Pillow cannot convert (La, a raw mode) is an ImageError naming it.
     """
+    try:
+        return _to_rgb(image)
+    except (ValueError, OSError, TypeError) as e:
+        raise ImageError(f"{name}: cannot convert a {image.mode} image to RGB ({e}); expected a mode Pillow converts "
+                         "(1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, I, I;16, F, ...)") from None  # fmt: skip
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
@@ -121,8 +216,13 @@ def to_array(image: Image.Image) -> np.ndarray:
 
 def resize(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
     """uint8 (C, H, W) -> uint8 (C, height, width) through Pillow, as transformers' PIL backend."""
-    image = Image.fromarray(pixels.transpose(1, 2, 0))
-    return to_array(image.resize((width, height), resample=RESAMPLE[resample]))
+    return to_array(_resized(pixels, height, width, resample))
+
+
+def _resized(pixels: np.ndarray, height: int, width: int, resample: int) -> Image.Image:
+    """The resized PIL image; a target over the pixel limit is refused before any memory is spent on it."""
+    check_pixels(height, width, f"resizing {pixels.shape[2]}x{pixels.shape[1]} to {width}x{height}")
+    return Image.fromarray(pixels.transpose(1, 2, 0)).resize((width, height), resample=RESAMPLE[resample])
 
 
 def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
@@ -136,6 +236,7 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Crop the centre; an image smaller than the crop is first centred on black (transformers' center_crop)."""
     _, h, w = pixels.shape
     if h < height or w < width:
+        check_pixels(max(h, height), max(w, width), "centring on the crop's canvas")
         canvas_h, canvas_w = max(h, height), max(w, width)
         canvas = np.zeros((pixels.shape[0], canvas_h, canvas_w), dtype=pixels.dtype)
         top, left = -(-(canvas_h - h) // 2), -(-(canvas_w - w) // 2)  # ceil: the extra row goes on top
@@ -151,6 +252,7 @@ def pad_to_square(pixels: np.ndarray, color: tuple[int, ...]) -> np.ndarray:
     if h == w:
         return pixels
     side = max(h, w)
+    check_pixels(side, side, f"padding {w}x{h} to a square")
     square = np.empty((c, side, side), dtype=pixels.dtype)
     square[:] = np.asarray(color, dtype=pixels.dtype)[:, None, None]
     top, left = (side - h) // 2, (side - w) // 2
@@ -265,7 +367,13 @@ def preprocess_pixels(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
             height, width = shortest_edge_size(pixels.shape[1], pixels.shape[2], size["shortest_edge"])
         else:
             height, width = size["height"], size["width"]
-        pixels = resize(pixels, height, width, config.resample)
+        image = _resized(pixels, height, width, config.resample)
+        crop_h, crop_w = config.crop_size
+        if config.do_center_crop and image.height >= crop_h and image.width >= crop_w:
+            # Crop before leaving Pillow: the same pixels as center_crop, without copying a long strip.
+            top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+        pixels = to_array(image)
     if config.do_center_crop:
         pixels = center_crop(pixels, *config.crop_size)
     return rescale_normalize(pixels, config)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .chat import ChatTemplateError, find_chat_template, render
+from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
-from .image import ImageConfig, load_image, load_video_frames, preprocess_single
+from .image import ImageConfig, ImageError, check_pixels, load_image, load_video_frames, pixel_limit, preprocess_single
 from .tiling import SliceConfig, anyres_tiles, anyres_token_count, idefics3_tiles, llama3v_placeholder, llama3v_slices
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -69,6 +69,9 @@ class Processor:
             if (v := tokenizer_config.get(name)) is not None
         }
         self.padding_side = tokenizer_config.get("padding_side", tokenizer.padding_side)
+        # The most pixels one image may hold, decoded or resized; None: $MINIVLM_MAX_IMAGE_PIXELS,
+        # else image.MAX_PIXELS. A prompt's length is bounded by $MINIVLM_MAX_PROMPT_CHARS (chat.py).
+        self.max_image_pixels: int | None = None
 
     @classmethod
     def load(cls, folder: Path) -> "Processor":
@@ -129,21 +132,26 @@ class Processor:
         """text: a prompt or a list of prompts; images: the images of all prompts, in order (paths,
         PIL images, arrays); videos: one per <video> in the prompts, each a list of frames or a
         folder of frame images. Returns input_ids and attention_mask, and the family's pixel inputs."""
-        if text is None:
-            raise ProcessorError("no text: pass the prompt (with one image token per image)")
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
-        images = [img for group in images for img in (group if isinstance(group, (list, tuple)) else [group])]
-        if videos:
-            texts, images = self._expand_videos(texts, images, list(videos))
+        texts = _texts(text)
+        images = _flat_images(images, texts, self.tokens.image_token)
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ProcessorError(f"padding_side {side!r}: expected 'left' or 'right'")
+        if return_tensors not in ("pt", None):
+            raise ProcessorError(f"return_tensors {return_tensors!r}: expected 'pt' or None")
+        for i, t in enumerate(texts):  # before tokenizing: a runaway prompt costs time and memory there
+            check_prompt_length(t, f"prompt {i}", ProcessorError)
+        if videos is not None:
+            texts, images = self._expand_videos(texts, images, videos)
         token = self.tokens.image_token
         per_text = [t.count(token) for t in texts]
         if self.family is None and images:
             raise ProcessorError("this checkpoint is text-only; it takes no images")
         if self.family is not None and sum(per_text) != len(images):
             raise _count_error(token, per_text, len(images), "image")
-        pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
-        out, replacements = self._images(pil, per_text)
+        with pixel_limit(self.max_image_pixels):
+            pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
+            out, replacements = self._images(pil, per_text)
 
         expanded, k = [], 0
         for t in texts:
@@ -153,19 +161,24 @@ class Processor:
                 k += 1
             expanded.append("".join(pieces))
         ids = [self.tokenizer.encode(t, add_special_tokens) for t in expanded]
-        out = {**self._pad(ids, padding_side or self.padding_side), **out}
+        out = {**self._pad(ids, side), **out}
         if return_tensors == "pt":
             return {key: torch.as_tensor(np.asarray(v)) for key, v in out.items()}
-        if return_tensors is None:
-            return out
-        raise ProcessorError(f"return_tensors {return_tensors!r}: expected 'pt' or None")
+        return out
 
     def _expand_videos(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list]:
         """LLaVA-Interleave reads a video as its frames, one image each (the recipe of the model's
         authors): every <video> becomes one image token per frame of its video, and the frames
         join the images at the place the <video> stands."""
         if self.family != "llava":
-            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is {self.family}")
+            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
+                                 f"{self.family or 'text-only'}, which has no video support")  # fmt: skip
+        if not isinstance(videos, (list, tuple)):
+            raise ProcessorError(f"videos: expected a list with one video per {VIDEO_TOKEN} (each a list of frames or a "
+                                 f"folder of frame images), got {type(videos).__name__}")  # fmt: skip
+        for i, v in enumerate(videos):
+            if not isinstance(v, (str, Path, list, tuple, np.ndarray)):
+                raise ProcessorError(f"video {i}: expected a list of frames or a folder of frame images, got {type(v).__name__}")
         token = self.tokens.image_token
         counts = [t.count(VIDEO_TOKEN) for t in texts]
         if sum(counts) != len(videos):
@@ -204,9 +217,26 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def _images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
-        """The family's pixel inputs, and the text each image token becomes."""
+        """The family's pixel inputs, and the text each image token becomes. An image the
+        family's tiling cannot take within the pixel limit is an ImageError that names it."""
         if not images:
             return {}, []
+        sizes = [img.size for img in images]
+        try:
+            return self._family_images(images, per_text)
+        except ImageError as e:
+            if str(e).startswith("image "):
+                raise
+            # Which image: the first whose tiling alone fails (a stack of several may fail together).
+            for i, img in enumerate(images):
+                try:
+                    self._family_images([img], [1])
+                except ImageError:
+                    w, h = sizes[i]
+                    raise ImageError(f"image {i} ({w}x{h}, {self.family}): {e}") from None
+            raise ImageError(f"images {', '.join(f'{w}x{h}' for w, h in sizes)} ({self.family}): {e}") from None
+
+    def _family_images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
         config, tokens = self.image_config, self.tokens
         if tokens.pool != 1 and self.family != "llava":
             raise ProcessorError(f"pool {tokens.pool}: a pooling connector is supported for LLaVA's one-view images, not {self.family}")
@@ -273,12 +303,52 @@ class Processor:
 def _padded(images: list[np.ndarray], count: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` slots of float32 (3, height, width) zeros with the images written into the first
     ones at the top left, and an int64 (count, height, width) mask of their real pixels."""
+    check_pixels(height, width, "padding the tiles to one size", count)
     pixels = np.zeros((count, 3, height, width), dtype=np.float32)
     mask = np.zeros((count, height, width), dtype=np.int64)
     for i, image in enumerate(images):
         pixels[i, :, : image.shape[1], : image.shape[2]] = image
         mask[i, : image.shape[1], : image.shape[2]] = 1
     return pixels, mask
+
+
+def _texts(text) -> list[str]:
+    """A prompt or a non-empty list of prompts, each a str."""
+    if text is None:
+        raise ProcessorError("no text: pass the prompt (with one image token per image), or a list of prompts")
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)) or not text:
+        raise ProcessorError(f"text: expected a prompt (str) or a non-empty list of prompts, got {_describe(text)}")
+    for i, t in enumerate(text):
+        if not isinstance(t, str):
+            raise ProcessorError(f"text[{i}]: expected a str, got {_describe(t)}")
+    return list(text)
+
+
+def _flat_images(images, texts: list[str], token: str) -> list:
+    """The images of all prompts in order: a flat list, one image alone, or one list per prompt (whose
+    lengths must then fit the prompts, so that no image silently moves to another prompt)."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    nested = [isinstance(group, (list, tuple)) for group in images]
+    if not any(nested):
+        return list(images)
+    if not all(nested):
+        raise ProcessorError("images: expected either a flat list of images or one list of images per prompt, not a mix")
+    if len(images) != len(texts):
+        raise ProcessorError(f"images: {len(images)} lists of images for {len(texts)} prompts; give one list per prompt")
+    for i, (t, group) in enumerate(zip(texts, images)):
+        if t.count(token) != len(group):
+            raise ProcessorError(f"prompt {i} has {t.count(token)} {token} tokens but its list holds {len(group)} images; "
+                                 f"give each prompt's list one image per {token} in that prompt")  # fmt: skip
+    return [img for group in images for img in group]
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
@@ -301,8 +371,11 @@ def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceCon
 def _joined_content(message: dict, image_token: str) -> dict:
     """llama3v's chat template takes each message's content as one string: a content list becomes
     its parts joined by newlines, an image part as the image token (as MiniCPM-V's chat joins them)."""
-    content = message.get("content")
+    content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
-    parts = [image_token if part.get("type") == "image" else part.get("text", "") for part in content]
+    if not all(isinstance(part, dict) for part in content):
+        raise ChatTemplateError(f"a message's content list holds {[type(p).__name__ for p in content]}; expected dicts "
+                                "such as {'type': 'text', 'text': ...} and {'type': 'image'}")  # fmt: skip
+    parts = [image_token if part.get("type") == "image" else str(part.get("text", "")) for part in content]
     return {**message, "content": "\n".join(parts)}

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .image import ImageConfig, preprocess_pixels, rescale_normalize, resize, to_array
+from .image import ImageConfig, ImageError, check_pixels, preprocess_pixels, rescale_normalize, resize, to_array
+
+
+def _positive(height, width, what: str = "image size") -> None:
+    """Sizes come from images, or from a caller's image_sizes: a side of 0 would divide by zero below."""
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in (height, width)):
+        raise ImageError(f"{what} ({height}, {width}): expected a (height, width) of whole numbers, each at least 1")
 
 
 def select_best_resolution(height: int, width: int, candidates) -> tuple[int, int]:
@@ -21,6 +27,7 @@ def select_best_resolution(height: int, width: int, candidates) -> tuple[int, in
     As transformers' `select_best_resolution` (image_processing_utils.py), including its int()
     truncation of the scaled size, which decides ties.
     """
+    _positive(height, width)
     best, best_effective, best_wasted = None, 0, float("inf")
     for cand_h, cand_w in candidates:
         scale = min(cand_w / width, cand_h / height)
@@ -45,6 +52,8 @@ def unpadded_size(height: int, width: int, grid_h: int, grid_w: int) -> tuple[in
     the feature grid, as transformers' `unpad_image`: the side that was padded loses
     (padding // 2) on each end, rounding the scaled length to 7 decimals first.
     """
+    _positive(height, width)
+    _positive(grid_h, grid_w, "feature grid")
     if width / height > grid_w / grid_h:  # wider than the canvas: padded above and below
         new_h = int(round(height * (grid_w / width), 7))
         pad = (grid_h - new_h) // 2
@@ -186,6 +195,7 @@ def slice_grid(width: int, height: int, config: SliceConfig) -> tuple[int, int] 
     is nearest the image's in log space wins, the first in (count, cols) order on a tie.
     MiniCPM-V's slice_image.
     """
+    _positive(height, width)
     area_ratio = width * height / config.scale_resolution**2
     multiple = min(math.ceil(area_ratio), config.max_slices)
     if multiple <= 1 or not config.slice_mode:
