@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,9 @@ class Sampling:
     def __post_init__(self):
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise GenerationError(f"{name} {value!r}: expected a finite number")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise GenerationError(f"top_k {self.top_k!r}: expected a whole number (0 is off)")
         if self.temperature < 0:
             raise GenerationError(f"temperature {self.temperature}: expected 0 (greedy) or more")
@@ -186,7 +187,7 @@ def check_seed(seed, name: str = "seed") -> None:
     """None (a fresh random seed) or an integer torch can seed a generator with."""
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise GenerationError(f"{name} {seed!r}: expected a whole number")
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise GenerationError(f"{name} {seed}: expected a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
@@ -375,7 +376,7 @@ def generate_steps(
     generator = None
     if not sampling.greedy:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        generator.manual_seed(int(seed) if seed is not None else torch.seed())
     logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
     seen = None
     if sampling.repetition_penalty != 1.0:  # the tokens of each row so far, padding left out
