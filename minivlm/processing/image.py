@@ -72,9 +72,8 @@ def check_pixels(height: int, width: int, what: str, count: int = 1) -> None:
     if height < 1 or width < 1:
         raise ImageError(f"{what}: {width}x{height} pixels; expected at least 1x1")
     if count * height * width > limit:
-        many = f"{count} x " if count > 1 else ""
         raise ImageError(
-            f"{what}: {many}{width}x{height} = {count * height * width:,} pixels, over the limit of {limit:,} "
+            f"{what} makes {count * height * width:,} pixels, over the limit of {limit:,} "
             f"({RESIZED_FACTOR} x the {limit // RESIZED_FACTOR:,} a decoded image may hold: an image of an extreme "
             f"aspect ratio or size; set {PIXELS_ENV} or the processor's max_image_pixels to allow more)"
         )
@@ -236,7 +235,7 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Crop the centre; an image smaller than the crop is first centred on black (transformers' center_crop)."""
     _, h, w = pixels.shape
     if h < height or w < width:
-        check_pixels(max(h, height), max(w, width), "centring on the crop's canvas")
+        check_pixels(max(h, height), max(w, width), f"centring {w}x{h} on a {max(w, width)}x{max(h, height)} canvas")
         canvas_h, canvas_w = max(h, height), max(w, width)
         canvas = np.zeros((pixels.shape[0], canvas_h, canvas_w), dtype=pixels.dtype)
         top, left = -(-(canvas_h - h) // 2), -(-(canvas_w - w) // 2)  # ceil: the extra row goes on top

@@ -150,7 +150,7 @@ class Processor:
         if self.family is not None and sum(per_text) != len(images):
             raise _count_error(token, per_text, len(images), "image")
         with pixel_limit(self.max_image_pixels):
-            pil = [load_image(img, f"image {i}") for i, img in enumerate(images)]
+            pil = [load_image(img, _image_name(i, img)) for i, img in enumerate(images)]
             out, replacements = self._images(pil, per_text)
 
         expanded, k = [], 0
@@ -303,7 +303,7 @@ class Processor:
 def _padded(images: list[np.ndarray], count: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` slots of float32 (3, height, width) zeros with the images written into the first
     ones at the top left, and an int64 (count, height, width) mask of their real pixels."""
-    check_pixels(height, width, "padding the tiles to one size", count)
+    check_pixels(height, width, f"padding {count} tiles to {width}x{height}", count)
     pixels = np.zeros((count, 3, height, width), dtype=np.float32)
     mask = np.zeros((count, height, width), dtype=np.int64)
     for i, image in enumerate(images):
@@ -345,6 +345,11 @@ def _flat_images(images, texts: list[str], token: str) -> list:
             raise ProcessorError(f"prompt {i} has {t.count(token)} {token} tokens but its list holds {len(group)} images; "
                                  f"give each prompt's list one image per {token} in that prompt")  # fmt: skip
     return [img for group in images for img in group]
+
+
+def _image_name(i: int, image) -> str:
+    """How errors name an image: its place among the images, and its file when it is one."""
+    return f"image {i} ({image})" if isinstance(image, (str, Path)) else f"image {i}"
 
 
 def _describe(value) -> str:
