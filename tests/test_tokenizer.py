@@ -5,6 +5,7 @@ identical ids and identical decoded text."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import transformers
@@ -146,4 +147,11 @@ def test_bad_tokenizer_files(tmp_path):
     spec["model"].update(vocab={"a": 0, "b": 1, "ab": 2}, continuing_subword_prefix="##")
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(TokenizerError, match=r"continuing_subword_prefix '##' is not supported"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_a_fifo_named_like_a_tokenizer_file_is_refused_without_blocking(tmp_path, name):
+    os.mkfifo(tmp_path / name)  # a plain open() would wait for a writer for ever
+    with pytest.raises(TokenizerError, match=rf"{name}: not a regular file \(a FIFO\)"):
         load_tokenizer(tmp_path)

@@ -47,9 +47,10 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     folder = Path(folder)
     config = read_json(folder / "tokenizer_config.json", TokenizerError)  # {} when absent
     path, model_path = folder / "tokenizer.json", folder / "tokenizer.model"
-    if not path.is_file() and not model_path.is_file():
+    # exists(), not is_file(): a FIFO or folder by these names is refused by name when read, not skipped
+    if not path.exists() and not model_path.exists():
         raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
-    source = path if path.is_file() else model_path
+    source = path if path.exists() else model_path
     try:
         return _load(path, model_path, config)
     except TokenizerError as e:
@@ -59,7 +60,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
 
 
 def _load(path: Path, model_path: Path, config: dict) -> Tokenizer:
-    if path.is_file():
+    if path.exists():
         spec = read_json(path, TokenizerError)
         model = spec.get("model") or {}
         added = {t["id"]: added_token(t["id"], t) for t in spec.get("added_tokens") or []}

@@ -27,6 +27,7 @@ from typing import Any
 
 import sentencepiece
 
+from ..files import open_regular
 from .base import AddedToken, Tokenizer, TokenizerError, added_token, post_processor_ids
 from .bpe import BPE
 
@@ -74,7 +75,8 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_model(cls, path: Path, config: dict[str, Any]) -> "SentencePieceTokenizer":
         """From a tokenizer.model, read by the sentencepiece library."""
-        data = Path(path).read_bytes()
+        with open_regular(Path(path), TokenizerError) as f:  # a FIFO by that name must not block
+            data = f.read()
         if not data:
             raise TokenizerError(f"{path}: not a SentencePiece model (the file is empty)")
         processor = sentencepiece.SentencePieceProcessor()
