@@ -375,7 +375,7 @@ def load_weights(
         present = [n for n in names if n in plan]
         tensors = {n: _read_as(plan[n], dtype, device) for n in present}
         first = tensors[present[0]]
-        if all(torch.equal(t, first) for t in tensors.values()):
+        if all(_same_values(t, first) for t in tensors.values()):
             loaded.update({n: first for n in names})  # one tensor serves the whole tied group
         else:
             # As transformers 5: a tied pair stored with different values is loaded untied (and warned about).
@@ -470,6 +470,11 @@ def plan_tensors(expected: dict[str, torch.Tensor], tied_groups: dict[int, list[
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype: torch.int32 -> 'I32'."""
     return next((k for k, v in SAFETENSORS_DTYPES.items() if v == dtype), str(dtype))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, NaN equal to NaN (a tied pair of NaN weights is still one tensor)."""
+    return torch.equal(a, b) or (a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all()))
 
 
 @contextlib.contextmanager
