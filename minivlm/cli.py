@@ -124,6 +124,8 @@ def run_generate(args) -> None:
     if args.video_frames:
         images += load_video_frames(args.video_frames)  # LLaVA-Interleave: a video is its frames, one image each
     model, processor = _load(args)
+    if args.video_frames:
+        processor.check_video_support()  # elsewhere the frames would pass for separate images
     inputs = _inputs(processor, args.prompt, images)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     note_cut(model, inputs["input_ids"].shape[1], args.max_new_tokens)

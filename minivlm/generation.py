@@ -268,23 +268,59 @@ def check_mask(attention_mask: torch.Tensor, shape: tuple[int, int]) -> None:
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated on device (None where it cannot be told): CUDA's free
-    memory plus what torch's allocator holds unused; on the CPU, /proc/meminfo's MemAvailable."""
+    memory plus what torch's allocator holds unused; on the CPU, the least of the machine's
+    MemAvailable, the process's address-space limit and the container's memory limit."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
+        limits = [_machine_available(), _address_space_left(), _cgroup_left()]
+        known = [n for n in limits if n is not None]
+        return min(known) if known else None
     return None
+
+
+def _machine_available() -> int | None:
+    """/proc/meminfo's MemAvailable, else the free pages the C library reports."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _address_space_left() -> int | None:
+    """What this process's address-space limit (ulimit -v, prlimit --as) leaves it."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(soft - used, 0)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _cgroup_left() -> int | None:
+    """What the container's memory limit (cgroup v2 memory.max) leaves."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return max(int(limit) - int(f.read()), 0)
+    except (OSError, ValueError):
+        return None
 
 
 def cache_bytes(model: nn.Module, batch: int, slots: int) -> tuple[int, torch.device]:
@@ -321,7 +357,14 @@ def new_cache(model: nn.Module, batch: int, slots: int, check_memory: bool = Tru
     """model.new_cache(batch, slots), its size checked against the free memory first."""
     if check_memory:
         check_cache_memory(model, batch, slots, what)
-    return model.new_cache(batch, slots)
+    try:
+        return model.new_cache(batch, slots)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # the check could not see every limit
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(e):
+            raise
+        need, device = cache_bytes(model, batch, slots)
+        raise GenerationError(f"the KV cache for {batch} row(s) of {slots} tokens{what} ({_gib(need)}) could not be "
+                              f"allocated on {device}; ask for fewer new tokens or a smaller batch") from None
 
 
 @torch.inference_mode()
@@ -378,6 +421,11 @@ def generate_steps(
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) if seed is not None else torch.seed())
     logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
+    if bool((logits.isnan() | logits.isposinf()).any()):  # once, after the prefill: no sync per step
+        raise GenerationError(  # (-inf is a masked token, not a fault)
+            "the model's logits for the prompt hold NaN or +inf: its weights or inputs do "
+            "(python -m minivlm doctor PATH lists NaN/Inf weights)"
+        )
     seen = None
     if sampling.repetition_penalty != 1.0:  # the tokens of each row so far, padding left out
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # (batch, vocab)

@@ -421,3 +421,54 @@ def test_scripted_chat_survives_every_error(checkpoint, capsys, monkeypatch):
     answers = out.split("\n")
     assert len(answers) == 4 and answers[-1] == ""  # the interrupted piece, two answers
     assert answers[1] == transformers_answer(folder, hf_model, [], "What is in it?")
+
+
+# -- found by re-running the issue's cases -----------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*tied in config.json")
+def test_nan_weights_are_an_error_not_an_empty_answer(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for path in checkpoint[0].iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    for path in tmp_path.glob("*.safetensors"):
+        save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    model, processor = minivlm.load_model(tmp_path), minivlm.load_processor(tmp_path)
+    for settings in ({}, {"temperature": 0.7, "seed": 1}):  # greedy gave id 0 for ever; sampling a torch traceback
+        with pytest.raises(GenerationError, match=r"logits for the prompt hold NaN or \+inf.*minivlm doctor"):
+            minivlm.generate(model, **prompt_inputs(processor), max_new_tokens=3, **settings)
+
+
+def test_video_frames_on_a_family_without_videos_is_refused(tmp_path, capsys):
+    from families import tiny_checkpoint
+
+    folder = tiny_checkpoint("llava-next", tmp_path / "next")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 60, 3), 60 * i, dtype=np.uint8)).save(frames / f"{i:04d}.png")
+    code = main(["generate", "--model", str(folder), "--prompt", "What happens?", "--video-frames", str(frames)])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and "llava_next, which has no video support" in err, err
+
+
+def test_available_memory_sees_the_process_limit():
+    """A ulimit -v / prlimit --as on the process caps what the KV cache check counts as free."""
+    script = ("import resource; from minivlm.generation import available_memory; import torch; "
+              "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
+              "print(available_memory(torch.device('cpu')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert 0 <= int(out.stdout) < 3 << 30
+
+
+def test_a_failed_cache_allocation_is_a_generation_error(checkpoint, monkeypatch):
+    model, processor = checkpoint[3], checkpoint[4]
+
+    def fail(*_):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(model, "new_cache", fail)
+    with pytest.raises(GenerationError, match=r"the KV cache for 1 row\(s\) of \d+ tokens.*could not be allocated"):
+        minivlm.generate(model, **prompt_inputs(processor), max_new_tokens=3, check_memory=False)

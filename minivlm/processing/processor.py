@@ -166,13 +166,16 @@ class Processor:
             return {key: torch.as_tensor(np.asarray(v)) for key, v in out.items()}
         return out
 
+    def check_video_support(self) -> None:
+        if self.family != "llava":
+            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
+                                 f"{self.family or 'text-only'}, which has no video support")  # fmt: skip
+
     def _expand_videos(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list]:
         """LLaVA-Interleave reads a video as its frames, one image each (the recipe of the model's
         authors): every <video> becomes one image token per frame of its video, and the frames
         join the images at the place the <video> stands."""
-        if self.family != "llava":
-            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
-                                 f"{self.family or 'text-only'}, which has no video support")  # fmt: skip
+        self.check_video_support()
         if not isinstance(videos, (list, tuple)):
             raise ProcessorError(f"videos: expected a list with one video per {VIDEO_TOKEN} (each a list of frames or a "
                                  f"folder of frame images), got {type(videos).__name__}")  # fmt: skip
