@@ -67,6 +67,7 @@ class Row:
     at: tuple = ()  # index of the largest difference
     first: tuple = ()  # the first index, in row-major order, whose difference is beyond the tolerance
     note: str = ""
+    nans: tuple = (0, 0)  # NaN values in minivlm's and transformers' output of the stage
 
     def beyond(self, tolerance: float) -> bool:
         if self.note:  # a stage one side did not run is no divergence; shapes that differ are
@@ -163,7 +164,8 @@ def compare(
         worst = int(diff.argmax())
         beyond = (diff > tolerance * scale).nonzero()
         rows.append(Row(stage, tuple(b.shape), float(diff[worst]), float(diff[worst]) / scale, index(worst, b.shape),
-                        index(int(beyond[0]), b.shape) if len(beyond) else ()))  # fmt: skip
+                        index(int(beyond[0]), b.shape) if len(beyond) else (),
+                        nans=(int(a.isnan().sum()), int(b.isnan().sum()))))  # fmt: skip
     return rows
 
 
@@ -283,5 +285,8 @@ def run_parity(args: argparse.Namespace) -> int:
         return 0
     where = first.note or (f"max rel {first.rel:.2e} > {tolerance:g}; the first element beyond it is "
                            f"{list(first.first)}, the largest difference at {list(first.at)}")  # fmt: skip
+    if any(first.nans):
+        where += (f"; NaN values there: {first.nans[0]} in minivlm's output, {first.nans[1]} in transformers' "
+                  "(NaN weights? python -m minivlm doctor PATH lists them)")  # fmt: skip
     print(f"first divergence: {first.stage.label} ({first.stage.ours} / {first.stage.theirs}): {where}")
     return 1

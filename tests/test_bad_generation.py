@@ -298,6 +298,7 @@ def test_parity_on_all_nan_weights_is_a_divergence(checkpoint, tmp_path, capsys)
     assert main(["parity", "--model", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "first divergence: vision embeddings" in out and "agree" not in out
+    assert re.search(r"NaN values there: \d+ in minivlm's output, \d+ in transformers'", out), out
 
 
 @pytest.mark.parametrize("tolerance", ["nan", "inf", "0", "-1", "x"])
