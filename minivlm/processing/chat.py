@@ -31,7 +31,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .files import read_json
+from .files import env_number, read_json
 
 
 class ChatTemplateError(ValueError):
@@ -43,27 +43,14 @@ MAX_PROMPT_CHARS, CHARS_ENV = 4_000_000, "MINIVLM_MAX_PROMPT_CHARS"
 MAX_POWER_BITS = 100_000  # 10 ** 30103: Python will not print an int of more than 4300 digits anyway
 
 
-def _env_number(name: str, default, kind, error: type[Exception]):
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = kind(value.replace("_", ""))
-    except ValueError:
-        number = 0
-    if not number > 0 or number != number or number == float("inf"):
-        raise error(f"{name}={value!r}: expected a positive number (default {default})")
-    return number
-
-
 def template_seconds() -> float:
     """How long one chat template render may take: $MINIVLM_TEMPLATE_SECONDS, else 5 seconds."""
-    return _env_number(SECONDS_ENV, TEMPLATE_SECONDS, float, ChatTemplateError)
+    return env_number(SECONDS_ENV, TEMPLATE_SECONDS, float, ChatTemplateError)
 
 
 def max_prompt_chars(error: type[Exception] = ChatTemplateError) -> int:
     """The longest prompt minivlm renders or tokenizes: $MINIVLM_MAX_PROMPT_CHARS, else 4,000,000 characters."""
-    return _env_number(CHARS_ENV, MAX_PROMPT_CHARS, int, error)
+    return env_number(CHARS_ENV, MAX_PROMPT_CHARS, int, error)
 
 
 def check_prompt_length(text: str, what: str = "the prompt", error: type[Exception] = ChatTemplateError) -> None:

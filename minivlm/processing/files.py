@@ -1,4 +1,5 @@
-"""Reading a checkpoint's JSON files, with errors that name the file."""
+"""Reading a checkpoint's files (regular files only, JSON with errors that name the file) and the
+limits the environment overrides."""
 
 from __future__ import annotations
 
@@ -49,3 +50,19 @@ def read_json(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object at the top level")
     return value
+
+
+def env_number(name: str, default, kind, error: type[Exception]):
+    """A positive number from the environment variable `name` (a limit's override), else `default`;
+    `error` names the variable and the default when its value is not one."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = kind(value.replace("_", ""))
+    except ValueError:
+        number = 0
+    if not number > 0 or number != number or number == float("inf"):
+        what = "a positive whole number" if kind is int else "a positive number"
+        raise error(f"{name}={value!r}: expected {what} (default {default})")
+    return number

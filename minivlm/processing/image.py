@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .files import env_number
+
 # preprocessor_config.json's `resample` numbers are PIL's filter numbers.
 RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
             3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}  # fmt: skip
@@ -42,16 +44,7 @@ def max_image_pixels() -> int:
     limit = _pixel_limit.get()
     if limit is not None:
         return limit
-    value = os.environ.get(PIXELS_ENV, "").strip()
-    if not value:
-        return MAX_PIXELS
-    try:
-        limit = int(value.replace("_", ""))
-    except ValueError:
-        limit = 0
-    if limit < 1:
-        raise ImageError(f"{PIXELS_ENV}={value!r}: expected a positive whole number of pixels (default {MAX_PIXELS})")
-    return limit
+    return env_number(PIXELS_ENV, MAX_PIXELS, int, ImageError)
 
 
 @contextlib.contextmanager
