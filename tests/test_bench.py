@@ -1,4 +1,5 @@
-"""`python -m minivlm bench loader` runs end to end on a small checkpoint (a smoke test: no timing is asserted)."""
+"""`python -m minivlm bench ...` runs end to end on small inputs (smoke tests: no timing is asserted), and says
+which extra to install when transformers is missing."""
 
 from __future__ import annotations
 
@@ -52,3 +53,24 @@ def test_bench_kernels_says_it_needs_cuda_without_one():
         pytest.skip("with a GPU the kernel benchmark runs for real: that is for BENCHMARKS.md, not a test")
     out = subprocess.run([sys.executable, "-m", "minivlm", "bench", "kernels"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "needs a CUDA device" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_without_transformers_says_which_extra_to_install(monkeypatch):
+    import pytest
+
+    from minivlm.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    for target in (["loader"], ["vlm"], ["generate"], ["tokenizer"], ["tokenizer", "--kind", "sentencepiece"],
+                   ["tokenizer", "--tokenizer", "anywhere"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit:
+            main(["bench", *target])
+        assert 'pip install "minivlm[test]"' in str(exit.value.code), target
+    # From the command line: that one line on stderr, status 1, no traceback.
+    code = "import sys; sys.modules['transformers'] = None; from minivlm.__main__ import main; main(['bench', 'loader'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        'minivlm: error: bench compares against transformers; install it with pip install "minivlm[test]" '
+        '(from a checkout: pip install -e ".[test]")'
+    ]
