@@ -9,7 +9,6 @@ features its image gives, tokenized and padded, and the pixels of every image.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,9 @@ import torch
 
 from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
-from .image import ImageConfig, ImageError, check_pixels, load_image, load_video_frames, pixel_limit, preprocess_single
-from .tiling import SliceConfig, anyres_tiles, anyres_token_count, idefics3_tiles, llama3v_placeholder, llama3v_slices
+from .image import ImageConfig, ImageError, load_image, load_video_frames, pixel_limit
+from .tiling import TILINGS, ImageTokens, SliceConfig
 from .tokenizer import Tokenizer, load_tokenizer
-
-# processor_class (or config.json's model_type) -> how images become tokens
-FAMILIES = {"LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "Idefics3Processor": "idefics3",
-            "llava": "llava", "llava_next": "llava_next", "idefics3": "idefics3", "llama3v": "llama3v"}  # fmt: skip
-
 
 VIDEO_TOKEN = "<video>"  # stands for a video's frames in a LLaVA-Interleave prompt
 
@@ -42,69 +36,73 @@ def _count_error(token: str, per_text: list[int], given: int, what: str) -> Proc
     )
 
 
-@dataclass(frozen=True)
-class ImageTokens:
-    """processor_config.json: how many tokens an image becomes."""
-
-    image_token: str = "<image>"
-    patch_size: int = 14
-    num_additional_image_tokens: int = 0  # LLaVA: the CLS position the tower adds
-    drop_cls: bool = True  # vision_feature_select_strategy "default"
-    image_seq_len: int = 169  # Idefics3: tokens per tile
-    # LLaVA-1.5 / Interleave: a connector that merges pool x pool patches into one token (a pixel
-    # shuffle, a pooling) leaves (side / pool)^2 tokens per image. 1 for every hub checkpoint; the
-    # README's connector-swap recipe sets it.
-    pool: int = 1
-
-
 class Processor:
+    """A text-only checkpoint's processor. Each family is a subclass (at the end of this file) that
+    says how its settings are read and names its tiling, and a row of PROCESSORS."""
+
+    family: str | None = None  # the family's name in messages; None: text-only, no images
+    tiling: str | None = None  # a row of tiling.TILINGS; an instance may name another
+    videos = False  # whether a <video> may stand in a prompt (as its frames)
+
     def __init__(self, tokenizer: Tokenizer, tokenizer_config: dict, chat_template: str | None,
-                 family: str | None, image_config: ImageConfig | None, tokens: ImageTokens,
-                 slicing: SliceConfig | None = None):  # fmt: skip
-        self.tokenizer, self.chat_template, self.family = tokenizer, chat_template, family
+                 image_config: ImageConfig | None, tokens: ImageTokens, slicing: SliceConfig | None = None):  # fmt: skip
+        self.tokenizer, self.chat_template = tokenizer, chat_template
         self.image_config, self.tokens, self.slicing = image_config, tokens, slicing
-        self.special_tokens = {
-            name: (v["content"] if isinstance(v, dict) else v)
-            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-            if (v := tokenizer_config.get(name)) is not None
-        }
+        self.special_tokens = self.special_tokens_of(tokenizer_config)
         self.padding_side = tokenizer_config.get("padding_side", tokenizer.padding_side)
         # The most pixels one image may hold, decoded or resized; None: $MINIVLM_MAX_IMAGE_PIXELS,
         # else image.MAX_PIXELS. A prompt's length is bounded by $MINIVLM_MAX_PROMPT_CHARS (chat.py).
         self.max_image_pixels: int | None = None
 
-    @classmethod
-    def load(cls, folder: Path) -> "Processor":
+    @staticmethod
+    def load(folder: Path, family: "type[Processor] | None" = None) -> "Processor":
+        """The processor of a checkpoint folder, as `family` (a Processor class), or else as the row
+        of PROCESSORS that processor_config.json's processor_class or config.json's model_type names."""
         folder = Path(folder)
         tokenizer = load_tokenizer(folder)
         tokenizer_config = read_json(folder / "tokenizer_config.json", ProcessorError)
         settings = read_json(folder / "processor_config.json", ProcessorError)
         kind = settings.get("processor_class") or read_json(folder / "config.json", ProcessorError).get("model_type")
-        family = FAMILIES.get(kind)
-        image_config, slicing = None, None
-        if family == "llama3v":
-            image_config, slicing = _llama3v_settings(read_json(folder / "config.json", ProcessorError), folder)
-        elif family is not None:
-            # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
-            image_d = settings.get("image_processor") or read_json(folder / "preprocessor_config.json", ProcessorError)
-            if not image_d:
-                raise ProcessorError(f"{folder}: a {kind} checkpoint without preprocessor_config.json")
-            image_config = ImageConfig.from_hf(image_d, str(folder / "preprocessor_config.json"))
+        family = family or PROCESSORS.get(kind, Processor)
+        image_config, slicing = family.image_settings(folder, settings, kind)
         tokens = ImageTokens(
             image_token=settings.get("image_token", "<image>"),
             patch_size=int(settings.get("patch_size") or 14),
             num_additional_image_tokens=int(settings.get("num_additional_image_tokens") or 0),
             drop_cls=settings.get("vision_feature_select_strategy", "default") == "default",
             image_seq_len=int(settings.get("image_seq_len") or 169),
+            unk_token=Processor.special_tokens_of(tokenizer_config).get("unk_token", "<unk>"),
         )
-        if family is not None and tokens.image_token not in tokenizer.token_to_id:
+        processor = family(tokenizer, tokenizer_config, find_chat_template(folder), image_config, tokens, slicing)
+        if family.tiling is not None and tokens.image_token not in tokenizer.token_to_id:
             raise ProcessorError(f"{folder}: the tokenizer has no {tokens.image_token!r} token")
-        processor = cls(tokenizer, tokenizer_config, find_chat_template(folder), family, image_config, tokens, slicing)
-        if family == "llama3v":
-            missing = [t for t in ("</image>", "<slice>", "</slice>", processor.unk_token) if t not in tokenizer.token_to_id]
-            if missing:
-                raise ProcessorError(f"{folder}: a llama3v tokenizer needs the tokens {missing}, which it lacks")
+        missing = [t for t in processor.needed_tokens() if t not in tokenizer.token_to_id]
+        if missing:
+            raise ProcessorError(f"{folder}: a {family.family} tokenizer needs the tokens {missing}, which it lacks")
         return processor
+
+    @classmethod
+    def image_settings(cls, folder: Path, settings: dict, kind: str | None) -> tuple[ImageConfig | None, SliceConfig | None]:
+        """The image processor's settings (none for text) and llama3v's slicing, from the checkpoint's files."""
+        if cls.tiling is None:
+            return None, None
+        # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
+        image_d = settings.get("image_processor") or read_json(folder / "preprocessor_config.json", ProcessorError)
+        if not image_d:
+            raise ProcessorError(f"{folder}: a {kind} checkpoint without preprocessor_config.json")
+        return ImageConfig.from_hf(image_d, str(folder / "preprocessor_config.json")), None
+
+    def needed_tokens(self) -> list[str]:
+        """The tokens besides the image token that the tokenizer must hold for this family's placeholders."""
+        return []
+
+    @staticmethod
+    def special_tokens_of(tokenizer_config: dict) -> dict[str, str]:
+        return {
+            name: (v["content"] if isinstance(v, dict) else v)
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (v := tokenizer_config.get(name)) is not None
+        }
 
     @property
     def unk_token(self) -> str:
@@ -115,9 +113,12 @@ class Processor:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         if self.chat_template is None:
             raise ChatTemplateError("this checkpoint ships no chat template (chat_template.jinja/.json or tokenizer_config.json)")
-        if self.family == "llama3v":
-            messages = [_joined_content(m, self.tokens.image_token) for m in messages]
-        return render(self.chat_template, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+        return render(self.chat_template, self.chat_messages(messages), add_generation_prompt,
+                      **{**self.special_tokens, **variables})  # fmt: skip
+
+    def chat_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages as this family's chat template takes them."""
+        return messages
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids, skip_special_tokens)
@@ -167,7 +168,7 @@ class Processor:
         return out
 
     def check_video_support(self) -> None:
-        if self.family != "llava":
+        if not self.videos:
             raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
                                  f"{self.family or 'text-only'}, which has no video support")  # fmt: skip
 
@@ -240,79 +241,11 @@ class Processor:
             raise ImageError(f"images {', '.join(f'{w}x{h}' for w, h in sizes)} ({self.family}): {e}") from None
 
     def _family_images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
-        config, tokens = self.image_config, self.tokens
-        if tokens.pool != 1 and self.family != "llava":
-            raise ProcessorError(f"pool {tokens.pool}: a pooling connector is supported for LLaVA's one-view images, not {self.family}")
-        if self.family == "llava":
-            pixels = np.stack([preprocess_single(img, config) for img in images])
-            side = tokens.patch_size * tokens.pool  # the pixels one token covers
-            n = (pixels.shape[2] // side) * (pixels.shape[3] // side)
-            n += tokens.num_additional_image_tokens - (1 if tokens.drop_cls else 0)
-            return {"pixel_values": pixels}, [tokens.image_token * n] * len(images)
-        if self.family == "llava_next":
-            tiled = [anyres_tiles(img, config) for img in images]
-            most = max(len(t) for t, _ in tiled)
-            pixels = np.zeros((len(tiled), most, *tiled[0][0].shape[1:]), dtype=np.float32)
-            for i, (t, _) in enumerate(tiled):
-                pixels[i, : len(t)] = t
-            tile = tiled[0][0].shape[-1]
-            counts = [
-                anyres_token_count(h, w, config.image_grid_pinpoints, tile, tile // tokens.patch_size)
-                + tokens.num_additional_image_tokens - (1 if tokens.drop_cls else 0)
-                for _, (h, w) in tiled
-            ]  # fmt: skip
-            sizes = [list(size) for _, size in tiled]
-            return {"pixel_values": pixels, "image_sizes": sizes}, [tokens.image_token * n for n in counts]
-        if self.family == "llama3v":
-            return self._llama3v(images)
-        return self._idefics3(images, per_text)
-
-    def _llama3v(self, images: list) -> tuple[dict, list[str]]:
-        """Every image's overview and slices as one list of slices of different sizes, zero-padded
-        at the bottom and right to the largest, with a mask of their real pixels."""
-        sliced = [llama3v_slices(img, self.slicing, self.image_config) for img in images]
-        flat = [s for slices, _ in sliced for s in slices]
-        height, width = max(s.shape[1] for s in flat), max(s.shape[2] for s in flat)
-        pixels, mask = _padded(flat, len(flat), height, width)
-        replacements = [llama3v_placeholder(grid, self.slicing.query_num, self.unk_token) for _, grid in sliced]
-        return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
-
-    def _idefics3(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
-        tokens = self.tokens
-        tiled = [idefics3_tiles(img, self.image_config) for img in images]
-        groups, start = [], 0  # the tiles of each prompt, its images in order
-        for n in per_text:
-            groups.append([t for tiles, _, _ in tiled[start : start + n] for t in tiles])
-            start += n
-        most = max(len(g) for g in groups)
-        height = max(t.shape[1] for g in groups for t in g)
-        width = max(t.shape[2] for g in groups for t in g)
-        padded = [_padded(group, most, height, width) for group in groups]  # each prompt's tiles, padded
-        pixels, mask = np.stack([p for p, _ in padded]), np.stack([m for _, m in padded])
-        image, fake, glob = tokens.image_token, "<fake_token_around_image>", "<global-img>"
-        run = image * tokens.image_seq_len
-        replacements = []
-        for _, rows, cols in tiled:
-            if rows == 0 and cols == 0:
-                replacements.append(f"{fake}{glob}{run}{fake}")
-                continue
-            grid = "".join(
-                "".join(f"{fake}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n" for r in range(rows)
-            )
-            replacements.append(f"{grid}\n{fake}{glob}{run}{fake}")
-        return {"pixel_values": pixels, "pixel_attention_mask": mask}, replacements
-
-
-def _padded(images: list[np.ndarray], count: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` slots of float32 (3, height, width) zeros with the images written into the first
-    ones at the top left, and an int64 (count, height, width) mask of their real pixels."""
-    check_pixels(height, width, f"padding {count} tiles to {width}x{height}", count)
-    pixels = np.zeros((count, 3, height, width), dtype=np.float32)
-    mask = np.zeros((count, height, width), dtype=np.int64)
-    for i, image in enumerate(images):
-        pixels[i, :, : image.shape[1], : image.shape[2]] = image
-        mask[i, : image.shape[1], : image.shape[2]] = 1
-    return pixels, mask
+        tiling = TILINGS[self.tiling]
+        if self.tokens.pool != 1 and not tiling.pools:
+            raise ProcessorError(f"pool {self.tokens.pool}: a pooling connector is supported for LLaVA's one-view "
+                                 f"images, not {self.family} (its tiling {self.tiling!r})")  # fmt: skip
+        return tiling(self.image_config, self.tokens, self.slicing)(images, per_text)
 
 
 def _texts(text) -> list[str]:
@@ -357,6 +290,53 @@ def _image_name(i: int, image) -> str:
 
 def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:80]
+
+
+# ---------------------------------------------------------------------------------------------
+# The families: how each reads its image settings, which tiling it uses, what its prompts need.
+
+
+class LlavaProcessor(Processor):
+    """LLaVA-1.5 and LLaVA-Interleave: one view per image; Interleave reads videos as frames."""
+
+    family, tiling, videos = "llava", "one_view", True
+
+
+class LlavaNextProcessor(Processor):
+    """LLaVA-NeXT: anyres tiles."""
+
+    family, tiling = "llava_next", "anyres"
+
+
+class Idefics3Processor(Processor):
+    """Idefics3 / SmolVLM: split into tiles plus a global image, with row/col markers."""
+
+    family, tiling = "idefics3", "idefics3"
+
+
+class Llama3VProcessor(Processor):
+    """llama3v: LLaVA-UHD slices, each `query_num` placeholders between <image> and </image>."""
+
+    family, tiling = "llama3v", "llama3v_slices"
+
+    @classmethod
+    def image_settings(cls, folder: Path, settings: dict, kind: str | None) -> tuple[ImageConfig, SliceConfig]:
+        return _llama3v_settings(read_json(folder / "config.json", ProcessorError), folder)
+
+    def needed_tokens(self) -> list[str]:
+        return ["</image>", "<slice>", "</slice>", self.unk_token]
+
+    def chat_messages(self, messages: list[dict]) -> list[dict]:
+        return [_joined_content(m, self.tokens.image_token) for m in messages]
+
+
+# processor_config.json's processor_class, or else config.json's model_type -> the processor. A
+# new family, or a variant, is a subclass above and a row here (and its row in load.FAMILIES).
+PROCESSORS: dict[str, type[Processor]] = {
+    "LlavaProcessor": LlavaProcessor, "LlavaNextProcessor": LlavaNextProcessor, "Idefics3Processor": Idefics3Processor,
+    "llava": LlavaProcessor, "llava_next": LlavaNextProcessor, "idefics3": Idefics3Processor,
+    "llama3v": Llama3VProcessor,
+}  # fmt: skip
 
 
 def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
