@@ -1,5 +1,5 @@
-"""The README's connector-swap recipe, run as it is printed, on a tiny LLaVA-Interleave checkpoint
-with the real 384-pixel images and 27x27 patch grid (only the checkpoint path is replaced)."""
+"""The README's connector-swap and tiling recipes, run as they are printed, on a tiny LLaVA-Interleave
+checkpoint with the real 384-pixel images and 27x27 patch grid (only the checkpoint path is replaced)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ from PIL import Image
 
 import minivlm
 import minivlm.connector
+import minivlm.processing.tiling
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHECKPOINT = '"weights/llava-interleave-qwen-0.5b-hf"'
 
 
-def recipe() -> str:
+def recipe(marker: str = "connector recipe") -> str:
     text = README.read_text()
-    m = re.search(r"<!-- test: connector recipe -->\n```python\n(.*?)```", text, re.S)
-    assert m, "README.md has no python block after '<!-- test: connector recipe -->'"
+    m = re.search(rf"<!-- test: {marker} -->\n```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has no python block after '<!-- test: {marker} -->'"
     return m.group(1)
 
 
-def test_the_recipe_has_the_checkpoint_line_to_replace():
-    assert recipe().count(CHECKPOINT) == 1
+@pytest.mark.parametrize("marker", ["connector recipe", "tiling recipe"])
+def test_the_recipe_has_the_checkpoint_line_to_replace(marker):
+    assert recipe(marker).count(CHECKPOINT) == 1
 
 
 def test_connector_swap_recipe_runs(tmp_path, monkeypatch, capsys):
@@ -35,6 +37,17 @@ def test_connector_swap_recipe_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(minivlm.connector, "CONNECTORS", dict(minivlm.connector.CONNECTORS))
     exec(compile(recipe().replace(CHECKPOINT, repr(str(folder))), str(README), "exec"), {"__name__": "recipe"})
     assert "torch.Size([729, 128]) -> torch.Size([81, 128])" in capsys.readouterr().out
+
+
+def test_tiling_recipe_runs(tmp_path, monkeypatch, capsys):
+    folder = tiny_checkpoint("llava-interleave", tmp_path / "interleave")
+    # The recipe adds a registry row; the other tests must not see it.
+    monkeypatch.setattr(minivlm.processing.tiling, "TILINGS", dict(minivlm.processing.tiling.TILINGS))
+    code = recipe("tiling recipe").replace(CHECKPOINT, repr(str(folder)))
+    exec(compile(code, str(README), "exec"), {"__name__": "recipe"})
+    out = capsys.readouterr().out
+    assert "image tokens per image: 729 -> 3645" in out
+    assert "pixel_values: (1, 3, 384, 384) -> (5, 3, 384, 384)" in out
 
 
 def test_pool_is_refused_where_it_has_no_meaning(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
 from .image import ImageConfig, ImageError, load_image, load_video_frames, pixel_limit
-from .tiling import TILINGS, ImageTokens, SliceConfig
+from .tiling import ImageTokens, SliceConfig, build_tiling
 from .tokenizer import Tokenizer, load_tokenizer
 
 VIDEO_TOKEN = "<video>"  # stands for a video's frames in a LLaVA-Interleave prompt
@@ -241,11 +241,14 @@ class Processor:
             raise ImageError(f"images {', '.join(f'{w}x{h}' for w, h in sizes)} ({self.family}): {e}") from None
 
     def _family_images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
-        tiling = TILINGS[self.tiling]
+        try:
+            tiling = build_tiling(self.tiling, self.image_config, self.tokens, self.slicing)
+        except KeyError as e:
+            raise ProcessorError(e.args[0]) from None
         if self.tokens.pool != 1 and not tiling.pools:
             raise ProcessorError(f"pool {self.tokens.pool}: a pooling connector is supported for LLaVA's one-view "
                                  f"images, not {self.family} (its tiling {self.tiling!r})")  # fmt: skip
-        return tiling(self.image_config, self.tokens, self.slicing)(images, per_text)
+        return tiling(images, per_text)
 
 
 def _texts(text) -> list[str]:

@@ -388,3 +388,9 @@ TILINGS: dict[str, type[Tiling]] = {
     "idefics3": Idefics3Tiles,
     "llama3v_slices": Llama3VSlices,
 }
+
+
+def build_tiling(name: str, config: ImageConfig, tokens: ImageTokens, slicing: SliceConfig | None = None) -> Tiling:
+    if name not in TILINGS:
+        raise KeyError(f"unknown tiling {name!r}; minivlm has {sorted(TILINGS)}")
+    return TILINGS[name](config, tokens, slicing)
