@@ -391,73 +391,94 @@ class VLMConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VLMConfig":
+        """A VLM's config.json, read by its family's reader (VLM_READERS, below)."""
         model_type = d["model_type"]
-        for key in ("text_config", "vision_config"):
-            if d.get(key) is not None and not isinstance(d[key], dict):
-                raise ConfigError(f"{source}: {key} is {d[key]!r:.80}; expected a JSON object")
-        text_d = d.get("text_config") or {"model_type": "llama"}  # transformers' default sub-config
-        if model_type == "idefics3":
-            text_d = {"rms_norm_eps": 1e-5, **text_d}  # Idefics3Config's own default for its Llama
-        text = TextConfig.from_hf(text_d, f"{source} text_config", fill_defaults=True)
-        if model_type in ("llava", "llava_next"):
-            # LlavaConfig's default tower: CLIP ViT-L/14 at 336.
-            vision_d = d.get("vision_config") or {}
-            vision_d = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                        "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
-                        **vision_d}  # fmt: skip
-            vision = VisionConfig.from_hf(vision_d, f"{source} vision_config")
-            layers = d.get("vision_feature_layer", -2)
-            layers = tuple(layers) if isinstance(layers, list) else (layers,)
-            for i in layers:
-                if isinstance(i, bool) or not isinstance(i, int) or not -(vision.num_layers + 1) <= i <= vision.num_layers:
-                    raise ConfigError(
-                        f"{source}: vision_feature_layer {i!r} is out of range for {vision.num_layers} vision layers"
-                    )
-            strategy = d.get("vision_feature_select_strategy", "default")
-            if strategy not in ("default", "full"):
-                raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
-            act = d.get("projector_hidden_act", "gelu")
-            if not isinstance(act, str) or act not in ACTIVATIONS:
-                raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported; expected one of {ACTIVATIONS}")
-            connector = ConnectorConfig(
-                "mlp2x_gelu", vision.hidden_size * len(layers), text.hidden_size, act=act,
-                bias=bool(d.get("multimodal_projector_bias", True)),
-            )  # fmt: skip
-            pinpoints: tuple = ()
-            if model_type == "llava_next":
-                raw = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-                if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
-                    raise ConfigError(f"{source}: image_grid_pinpoints is {raw!r}; expected a list of [height, width] pairs")
-                pinpoints = tuple(tuple(size(x, "image_grid_pinpoints", source) for x in p) for p in raw)
-            # A VLM ties by its top-level flag; LlavaConfig alone also honours a text_config's flag
-            # (older files saved it there). The decision is kept in one place: the text config.
-            tie = bool(d.get("tie_word_embeddings", False)) or (model_type == "llava" and text.tie_word_embeddings)
-            return cls(
-                model_type=model_type, text=replace(text, tie_word_embeddings=tie), vision=vision,
-                connector=connector,
-                image_token_id=token_id(d.get("image_token_index", d.get("image_token_id", 32000)), "image_token_index", source),
-                feature_layers=layers, drop_cls=strategy == "default",
-                image_grid_pinpoints=pinpoints, dtype=d.get("dtype") or d.get("torch_dtype"),
-            )  # fmt: skip
-        if model_type == "idefics3":
-            vision = VisionConfig.from_hf({"model_type": "idefics3_vision", **(d.get("vision_config") or {})},
-                                          f"{source} vision_config")  # fmt: skip
-            scale = size(d.get("scale_factor", 2), "scale_factor", source)
-            if vision.grid % scale:
-                raise ConfigError(f"{source}: scale_factor {scale} does not divide the {vision.grid}-patch grid")
-            connector = ConnectorConfig(
-                "pixel_shuffle", vision.hidden_size * scale**2, text.hidden_size, bias=False, scale_factor=scale
+        if model_type not in VLM_READERS:
+            raise ConfigError(f"{source}: {model_type!r} is not a vision-language model_type minivlm knows")
+        return VLM_READERS[model_type](d, source)
+
+
+def _check_sub_configs(d: dict[str, Any], source: str) -> None:
+    for key in ("text_config", "vision_config"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{source}: {key} is {d[key]!r:.80}; expected a JSON object")
+
+
+def _vlm_text(d: dict[str, Any], source: str, **defaults: Any) -> TextConfig:
+    """A VLM's text_config (transformers' default sub-config when absent), after checking that
+    the sub-configs are objects; `defaults` are the VLM config class's own defaults for its decoder."""
+    _check_sub_configs(d, source)
+    text_d = d.get("text_config") or {"model_type": "llama"}  # transformers' default sub-config
+    return TextConfig.from_hf({**defaults, **text_d}, f"{source} text_config", fill_defaults=True)
+
+
+def llava_config(d: dict[str, Any], source: str) -> VLMConfig:
+    """LLaVA-1.5 and LLaVA-Interleave (model_type llava); LLaVA-NeXT adds its pinpoints (below)."""
+    model_type = d["model_type"]
+    text = _vlm_text(d, source)
+    # LlavaConfig's default tower: CLIP ViT-L/14 at 336.
+    vision_d = d.get("vision_config") or {}
+    vision_d = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
+                **vision_d}  # fmt: skip
+    vision = VisionConfig.from_hf(vision_d, f"{source} vision_config")
+    layers = d.get("vision_feature_layer", -2)
+    layers = tuple(layers) if isinstance(layers, list) else (layers,)
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not -(vision.num_layers + 1) <= i <= vision.num_layers:
+            raise ConfigError(
+                f"{source}: vision_feature_layer {i!r} is out of range for {vision.num_layers} vision layers"
             )
-            text = replace(text, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
-            return cls(
-                model_type=model_type, text=text, vision=vision, connector=connector,
-                image_token_id=token_id(d.get("image_token_id", 128257), "image_token_id", source),
-                feature_layers=None, drop_cls=False,
-                dtype=d.get("dtype") or d.get("torch_dtype"),
-            )  # fmt: skip
-        if model_type == "llama3v":
-            return _llama3v_config(d, source)
-        raise ConfigError(f"{source}: {model_type!r} is not a vision-language model_type minivlm knows")
+    strategy = d.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
+    act = d.get("projector_hidden_act", "gelu")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported; expected one of {ACTIVATIONS}")
+    connector = ConnectorConfig(
+        "mlp2x_gelu", vision.hidden_size * len(layers), text.hidden_size, act=act,
+        bias=bool(d.get("multimodal_projector_bias", True)),
+    )  # fmt: skip
+    # A VLM ties by its top-level flag; LlavaConfig alone also honours a text_config's flag
+    # (older files saved it there). The decision is kept in one place: the text config.
+    tie = bool(d.get("tie_word_embeddings", False)) or (model_type == "llava" and text.tie_word_embeddings)
+    return VLMConfig(
+        model_type=model_type, text=replace(text, tie_word_embeddings=tie), vision=vision,
+        connector=connector,
+        image_token_id=token_id(d.get("image_token_index", d.get("image_token_id", 32000)), "image_token_index", source),
+        feature_layers=layers, drop_cls=strategy == "default",
+        dtype=d.get("dtype") or d.get("torch_dtype"),
+    )  # fmt: skip
+
+
+def llava_next_config(d: dict[str, Any], source: str) -> VLMConfig:
+    """LLaVA-NeXT: LLaVA's fields, and the anyres grid's (height, width) choices."""
+    config = llava_config(d, source)
+    raw = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
+        raise ConfigError(f"{source}: image_grid_pinpoints is {raw!r}; expected a list of [height, width] pairs")
+    pinpoints = tuple(tuple(size(x, "image_grid_pinpoints", source) for x in p) for p in raw)
+    return replace(config, image_grid_pinpoints=pinpoints)
+
+
+def idefics3_config(d: dict[str, Any], source: str) -> VLMConfig:
+    """Idefics3 / SmolVLM: the NaViT tower, a pixel shuffle connector."""
+    text = _vlm_text(d, source, rms_norm_eps=1e-5)  # Idefics3Config's own default for its Llama
+    vision = VisionConfig.from_hf({"model_type": "idefics3_vision", **(d.get("vision_config") or {})},
+                                  f"{source} vision_config")  # fmt: skip
+    scale = size(d.get("scale_factor", 2), "scale_factor", source)
+    if vision.grid % scale:
+        raise ConfigError(f"{source}: scale_factor {scale} does not divide the {vision.grid}-patch grid")
+    connector = ConnectorConfig(
+        "pixel_shuffle", vision.hidden_size * scale**2, text.hidden_size, bias=False, scale_factor=scale
+    )
+    text = replace(text, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+    return VLMConfig(
+        model_type=d["model_type"], text=text, vision=vision, connector=connector,
+        image_token_id=token_id(d.get("image_token_id", 128257), "image_token_id", source),
+        feature_layers=None, drop_cls=False,
+        dtype=d.get("dtype") or d.get("torch_dtype"),
+    )  # fmt: skip
 
 
 # MiniCPM-Llama3-V 2.5's vision tower (SigLIP so400m/14 as transformers' Idefics2VisionConfig),
@@ -468,10 +489,11 @@ LLAMA3V_UNK_ID = 128002  # `<unk>` in llama3v's Llama-3 vocabulary: the placehol
 LLAMA3V_EOT_ID = 128009  # `<|eot_id|>`: MiniCPM-Llama3-V ends its turns with it as well as with <|end_of_text|>
 
 
-def _llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
+def llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
     """llama3v keeps the Llama-3 decoder's fields at the top level of config.json, beside
     `query_num`, `image_size` (the slicing scale), `patch_size` and `slice_mode`. A `vision_config`
     dict, if present, overrides the tower's defaults (tests use it for tiny towers)."""
+    _check_sub_configs(d, source)
     text = TextConfig.from_hf({**d, "model_type": "llama"}, source)
     if d.get("eos_token_id") is None or isinstance(d["eos_token_id"], int):
         eos = tuple(text.eos_token_id) + ((LLAMA3V_EOT_ID,) if text.vocab_size > LLAMA3V_EOT_ID else ())
@@ -490,6 +512,11 @@ def _llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
         feature_layers=None, drop_cls=False,
         dtype=d.get("dtype") or d.get("torch_dtype"),
     )  # fmt: skip
+
+
+# model_type -> its reader, for VLMConfig.from_hf. load.FAMILIES names each family's reader itself.
+VLM_READERS = {"llava": llava_config, "llava_next": llava_next_config, "idefics3": idefics3_config,
+               "llama3v": llama3v_config}  # fmt: skip
 
 
 def read_config(folder: Path) -> dict[str, Any]:

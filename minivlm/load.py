@@ -9,14 +9,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, TextConfig, VLMConfig, read_config
+from .config import ConfigError, TextConfig, idefics3_config, llama3v_config, llava_config, llava_next_config, read_config
 from .decoder import DecoderLM
 from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
 from .processing.files import open_regular
-from .processing.processor import Processor, ProcessorError
+from .processing.files import read_json
+from .processing.processor import (Idefics3Processor, Llama3VProcessor, LlavaNextProcessor, LlavaProcessor, Processor,
+                                   ProcessorError)  # fmt: skip
 from .processing.tokenizer import TokenizerError
-from .vlm import VLM, Idefics3, Llama3V, LlavaNext
+from .vlm import Idefics3, Llama3V, Llava, LlavaNext
 from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
 
 
@@ -25,17 +27,18 @@ class Family:
     config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source name) -> frozen config
     module: Callable[[Any], nn.Module]  # config -> module tree (built on the meta device)
     keys: KeyTable
+    processor: type[Processor] = Processor  # its tiling, placeholder text and token count
 
 
-# config.json's model_type -> family. A new family is one row here.
+# config.json's model_type -> family. A new family, or a variant of one, is its classes and one row here.
 FAMILIES: dict[str, Family] = {
     "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
     "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
     "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
-    "llava": Family(VLMConfig.from_hf, VLM, LLAVA_KEYS),
-    "llava_next": Family(VLMConfig.from_hf, LlavaNext, LLAVA_KEYS),
-    "idefics3": Family(VLMConfig.from_hf, Idefics3, IDEFICS3_KEYS),
-    "llama3v": Family(VLMConfig.from_hf, Llama3V, LLAMA3V_KEYS),
+    "llava": Family(llava_config, Llava, LLAVA_KEYS, LlavaProcessor),
+    "llava_next": Family(llava_next_config, LlavaNext, LLAVA_KEYS, LlavaNextProcessor),
+    "idefics3": Family(idefics3_config, Idefics3, IDEFICS3_KEYS, Idefics3Processor),
+    "llama3v": Family(llama3v_config, Llama3V, LLAMA3V_KEYS, Llama3VProcessor),
 }
 
 DTYPES = {
@@ -108,8 +111,15 @@ def load_processor(path_or_id: str | os.PathLike) -> Processor:
     for name in PROCESSOR_FILES:  # a FIFO or folder by one of these names is refused, not skipped
         if (folder / name).exists():
             open_regular(folder / name, ProcessorError).close()
+    # The family's row names its processor; a folder without a known model_type (a processor
+    # saved alone) is read as its processor_config.json's processor_class says.
     try:
-        return Processor.load(folder)
+        model_type = read_json(folder / "config.json", ProcessorError).get("model_type")
+    except ProcessorError:  # a processor needs no config.json, nor one it can read
+        model_type = None
+    family = FAMILIES[model_type].processor if isinstance(model_type, str) and model_type in FAMILIES else None
+    try:
+        return Processor.load(folder, family)
     except TokenizerError as e:
         raise ProcessorError(str(e)) from None
 

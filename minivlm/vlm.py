@@ -4,7 +4,8 @@ at the image-token positions -> decoder -> logits.
 One module tree serves every family, named as transformers names LLaVA (`vision_tower`,
 `multi_modal_projector`, `language_model`), so the hub's LLaVA keys load almost as they are and
 the other families' keys are a few rows of their key tables. The families differ only in how
-pixels become a list of feature sequences, one per image: that is `image_features` below.
+pixels become a list of feature sequences, one per image: that is `image_features`, which each
+family's class below defines over the shared `VisionLanguageModel`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from .processing.tiling import anyres_grid, unpadded_size
 from .vision import VisionTower
 
 
-class VLM(nn.Module):
-    """LLaVA-1.5 and LLaVA-Interleave: one fixed-size image -> one feature sequence."""
+class VisionLanguageModel(nn.Module):
+    """The parts every family shares, and the merge of image features into the token embeddings.
+    A family's class defines `image_features`: its pixel inputs -> one feature sequence per image."""
 
     def __init__(self, config: VLMConfig):
         super().__init__()
@@ -29,16 +31,9 @@ class VLM(nn.Module):
         self.multi_modal_projector = build_connector(config.connector)
         self.language_model = DecoderLM(config.text)
 
-    def image_features(self, pixel_values: torch.Tensor, **_) -> list[torch.Tensor]:
-        """pixel_values (images, C, H, W) -> one (tokens, text hidden) tensor per image."""
-        vision = self.config.vision
-        expect = (vision.num_channels, vision.image_size, vision.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expect:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (images, {', '.join(map(str, expect))})")
-        features = self.vision_tower(pixel_values, select=self.config.feature_layers)
-        if self.config.drop_cls:
-            features = features[:, 1:]  # (images, patches, hidden): the CLS position is not an image token
-        return list(self.multi_modal_projector(features))
+    def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
+        """The processor's pixel inputs -> one (tokens, text hidden) tensor per image token run."""
+        raise NotImplementedError
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, **image_inputs) -> torch.Tensor:
         """Token embeddings (batch, seq, hidden) with the image features written over the image tokens.
@@ -93,7 +88,22 @@ class VLM(nn.Module):
         return self.language_model.lm_head(hidden)
 
 
-class LlavaNext(VLM):
+class Llava(VisionLanguageModel):
+    """LLaVA-1.5 and LLaVA-Interleave: one fixed-size image -> one feature sequence."""
+
+    def image_features(self, pixel_values: torch.Tensor, **_) -> list[torch.Tensor]:
+        """pixel_values (images, C, H, W) -> one (tokens, text hidden) tensor per image."""
+        vision = self.config.vision
+        expect = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expect:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (images, {', '.join(map(str, expect))})")
+        features = self.vision_tower(pixel_values, select=self.config.feature_layers)
+        if self.config.drop_cls:
+            features = features[:, 1:]  # (images, patches, hidden): the CLS position is not an image token
+        return list(self.multi_modal_projector(features))
+
+
+class LlavaNext(Llava):
     """LLaVA-NeXT anyres: each image is a base view plus a grid of tiles; the tiles' features are
     stitched back into one grid, the padding cut away, and a learned newline ends every row."""
 
@@ -145,7 +155,7 @@ class LlavaNext(VLM):
         return out
 
 
-class Idefics3(VLM):
+class Idefics3(VisionLanguageModel):
     """Idefics3 / SmolVLM: every tile (and the global view) is one image of the NaViT tower, padded
     to a common size with a pixel mask; all-zero images are batch padding and are skipped."""
 
@@ -188,7 +198,7 @@ def patch_mask_of(pixel_mask: torch.Tensor | None, pixel_values: torch.Tensor, p
     return pixel_mask.bool().unfold(1, patch, patch).unfold(2, patch, patch).sum(dim=(-1, -2)) > 0
 
 
-class Llama3V(VLM):
+class Llama3V(VisionLanguageModel):
     """llama3v (the MiniCPM-Llama3-V 2.5 layout): every image is an overview plus slices of
     different sizes; each runs through the NaViT tower (padded to a common canvas, with a pixel
     mask) and the resampler turns it into `query_num` tokens, whatever its size."""
