@@ -13,8 +13,7 @@ from .config import ConfigError, TextConfig, idefics3_config, llama3v_config, ll
 from .decoder import DecoderLM
 from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
-from .processing.files import open_regular
-from .processing.files import read_json
+from .processing.files import open_regular, read_json
 from .processing.processor import (Idefics3Processor, Llama3VProcessor, LlavaNextProcessor, LlavaProcessor, Processor,
                                    ProcessorError)  # fmt: skip
 from .processing.tokenizer import TokenizerError

@@ -19,7 +19,6 @@ import ctypes
 import functools
 import json
 import math
-import os
 import re
 import threading
 import time
