@@ -45,8 +45,11 @@ def _attention_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < HEAD_DIM
 
-    q = tl.load(q_ptr + b * qs0 + head[:, None] * qs1 + (rows % q_len)[:, None] * qs2 + dims[None, :] * qs3,
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        q_ptr + b * qs0 + head[:, None] * qs1 + (rows % q_len)[:, None] * qs2 + dims[None, :] * qs3,
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
 
     # The keys this block can see: up to its last query (causal), from its first query's window.
     first_row = block * BLOCK_M
@@ -66,8 +69,12 @@ def _attention_kernel(
         keys = n0 + tl.arange(0, BLOCK_N)
         key_valid = keys < kv_len
         kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_ptr + b * ks0 + kv_head * ks1 + keys[:, None] * ks2 + dims[None, :] * ks3, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * vs0 + kv_head * vs1 + keys[:, None] * vs2 + dims[None, :] * vs3, mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_ptr + b * ks0 + kv_head * ks1 + keys[:, None] * ks2 + dims[None, :] * ks3, mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            v_ptr + b * vs0 + kv_head * vs1 + keys[:, None] * vs2 + dims[None, :] * vs3, mask=kv_mask, other=0.0
+        )
         if FP32_DOT:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -93,8 +100,11 @@ def _attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(out_ptr + b * os0 + head[:, None] * os1 + (rows % q_len)[:, None] * os2 + dims[None, :] * os3,
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])  # fmt: skip
+    tl.store(
+        out_ptr + b * os0 + head[:, None] * os1 + (rows % q_len)[:, None] * os2 + dims[None, :] * os3,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & dim_valid[None, :],
+    )
 
 
 def attention(
@@ -122,10 +132,30 @@ def attention(
     valid = kv_valid.to(torch.int8) if kv_valid is not None else q.new_empty(1, 1, dtype=torch.int8)
     grid = (triton.cdiv(rows, block_m), batch * kv_heads)
     _attention_kernel[grid](
-        q, k, v, out, valid, *q.stride(), *k.stride(), *v.stride(), *out.stride(), valid.stride(0),
-        kv_heads, groups, q_len, kv_len, q_offset, window or 0, head_dim**-0.5 if scale is None else scale,
-        CAUSAL=causal, HAS_VALID=kv_valid is not None, HAS_WINDOW=window is not None,
-        FP32_DOT=q.dtype == torch.float32 or INTERPRETED, HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
-        BLOCK_M=block_m, BLOCK_N=block_n,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        valid,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        valid.stride(0),
+        kv_heads,
+        groups,
+        q_len,
+        kv_len,
+        q_offset,
+        window or 0,
+        head_dim**-0.5 if scale is None else scale,
+        CAUSAL=causal,
+        HAS_VALID=kv_valid is not None,
+        HAS_WINDOW=window is not None,
+        FP32_DOT=q.dtype == torch.float32 or INTERPRETED,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+    )
     return out

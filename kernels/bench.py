@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
-        raise SystemExit("minivlm: error: bench kernels needs a CUDA device (the CPU interpreter is for tests, not timing)")
+        raise SystemExit(
+            "minivlm: error: bench kernels needs a CUDA device (the CPU interpreter is for tests, not timing)"
+        )
     from minivlm import ops
 
     dtype = DTYPES[args.dtype]
@@ -67,10 +69,21 @@ def run(args: argparse.Namespace) -> None:
         b = torch.randn(hidden, dtype=dtype, device=dev)
         moved = 2 * x.numel() * x.element_size()
         fast = _time(_with_kernels("1", lambda: ops.rms_norm(x, w, 1e-6)))
-        _row(f"rms_norm {tokens}x{hidden}", fast, moved, "GB/s", {"eager": _time(_with_kernels("0", lambda: ops.rms_norm(x, w, 1e-6)))})
+        _row(
+            f"rms_norm {tokens}x{hidden}",
+            fast,
+            moved,
+            "GB/s",
+            {"eager": _time(_with_kernels("0", lambda: ops.rms_norm(x, w, 1e-6)))},
+        )
         fast = _time(_with_kernels("1", lambda: ops.layer_norm(x, w, b, 1e-6)))
-        _row(f"layer_norm {tokens}x{hidden}", fast, moved, "GB/s",
-             {"eager": _time(_with_kernels("0", lambda: ops.layer_norm(x, w, b, 1e-6)))})  # fmt: skip
+        _row(
+            f"layer_norm {tokens}x{hidden}",
+            fast,
+            moved,
+            "GB/s",
+            {"eager": _time(_with_kernels("0", lambda: ops.layer_norm(x, w, b, 1e-6)))},
+        )
 
     for seq in (1, 4096):
         q = torch.randn(1, seq, 32, 128, dtype=dtype, device=dev).transpose(1, 2)
@@ -78,12 +91,21 @@ def run(args: argparse.Namespace) -> None:
         cos, sin = (torch.randn(1, seq, 128, dtype=dtype, device=dev) for _ in range(2))
         moved = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
         fast = _time(_with_kernels("1", lambda: ops.apply_rope(q, k, cos, sin)))
-        _row(f"rope q 32x{seq}x128, k 8x{seq}x128", fast, moved, "GB/s",
-             {"eager": _time(_with_kernels("0", lambda: ops.apply_rope(q, k, cos, sin)))})  # fmt: skip
+        _row(
+            f"rope q 32x{seq}x128, k 8x{seq}x128",
+            fast,
+            moved,
+            "GB/s",
+            {"eager": _time(_with_kernels("0", lambda: ops.apply_rope(q, k, cos, sin)))},
+        )
 
     # prefill: (batch, heads, kv_heads, tokens, head_dim, causal)
-    for batch, heads, kv_heads, tokens, head_dim, causal in [(1, 32, 8, 4096, 128, True), (1, 14, 2, 2048, 64, True),
-                                                             (5, 16, 16, 729, 72, False), (2, 16, 16, 577, 64, False)]:  # fmt: skip
+    for batch, heads, kv_heads, tokens, head_dim, causal in [
+        (1, 32, 8, 4096, 128, True),
+        (1, 14, 2, 2048, 64, True),
+        (5, 16, 16, 729, 72, False),
+        (2, 16, 16, 577, 64, False),
+    ]:
         q = torch.randn(batch, heads, tokens, head_dim, dtype=dtype, device=dev)
         k = torch.randn(batch, kv_heads, tokens, head_dim, dtype=dtype, device=dev)
         v = torch.randn_like(k)
@@ -96,8 +118,13 @@ def run(args: argparse.Namespace) -> None:
                 base["sdpa flash"] = _time(sdpa)
         except RuntimeError as e:  # a head dim the flash backend does not take
             print(f"  (sdpa flash unavailable: {str(e).splitlines()[0][:80]})")
-        _row(f"attention b{batch} h{heads}/{kv_heads} {tokens} d{head_dim} {'causal' if causal else 'full'}",
-             fast, flops, "TFLOP/s", base)  # fmt: skip
+        _row(
+            f"attention b{batch} h{heads}/{kv_heads} {tokens} d{head_dim} {'causal' if causal else 'full'}",
+            fast,
+            flops,
+            "TFLOP/s",
+            base,
+        )
 
     for kv_len in (1024, 8192):
         q = torch.randn(1, 32, 1, 128, dtype=dtype, device=dev)

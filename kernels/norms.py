@@ -20,7 +20,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
     w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
     # A product of two half-precision numbers is exact in fp32, so rounding it once equals the
     # half-precision multiply PyTorch does.
-    tl.store(out_ptr + row * out_row_stride + cols, (w * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(
+        out_ptr + row * out_row_stride + cols, (w * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid
+    )
 
 
 @triton.jit
@@ -34,7 +36,9 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_cols, x_row_stride, out_r
     inv_std = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, (centred * inv_std * w + b).to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(
+        out_ptr + row * out_row_stride + cols, (centred * inv_std * w + b).to(out_ptr.dtype.element_ty), mask=valid
+    )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -46,19 +50,43 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """As `minivlm.ops.rms_norm`; `out`, if given, a contiguous tensor of x's shape to write into."""
     rows = _rows(x)
-    out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device) if out is None else out.view(rows.shape)
+    out = (
+        torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
+        if out is None
+        else out.view(rows.shape)
+    )
     block = triton.next_power_of_2(rows.shape[1])
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.shape[1], rows.stride(0), out.stride(0), eps,
-                                       BLOCK=block, num_warps=min(max(block // 256, 1), 8))  # fmt: skip
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows,
+        weight,
+        out,
+        rows.shape[1],
+        rows.stride(0),
+        out.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
     return out.view(x.shape)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """As `minivlm.ops.layer_norm`; `out` as in rms_norm."""
     rows = _rows(x)
     out = torch.empty_like(rows) if out is None else out.view(rows.shape)
     block = triton.next_power_of_2(rows.shape[1])
-    _layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, out, rows.shape[1], rows.stride(0), out.stride(0), eps,
-                                         BLOCK=block, num_warps=min(max(block // 256, 1), 8))  # fmt: skip
+    _layer_norm_kernel[(rows.shape[0],)](
+        rows,
+        weight,
+        bias,
+        out,
+        rows.shape[1],
+        rows.stride(0),
+        out.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
     return out.view(x.shape)

@@ -1,11 +1,11 @@
 """The command line: `python -m minivlm COMMAND` (also installed as `minivlm`).
 
-    generate   answer a prompt about images, streamed to stdout
-    chat       an interactive chat that keeps its KV cache between turns
-    download   fetch a hub checkpoint into weights/
-    bench      benchmarks against transformers, in the same process
-    parity     minivlm against transformers, layer by layer, on one checkpoint
-    doctor     check a checkpoint folder and list every problem found
+generate   answer a prompt about images, streamed to stdout
+chat       an interactive chat that keeps its KV cache between turns
+download   fetch a hub checkpoint into weights/
+bench      benchmarks against transformers, in the same process
+parity     minivlm against transformers, layer by layer, on one checkpoint
+doctor     check a checkpoint folder and list every problem found
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import bench, cli, doctor, parity
+from .checkpoint import CheckpointError
 from .config import ConfigError
 from .generation import GenerationError
 from .parity import ParityError
@@ -21,17 +22,25 @@ from .processing.chat import ChatTemplateError
 from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError
-from .weights import CheckpointError
 
 # Errors about the user's input or files: one line on stderr, no traceback. Anything else is a bug
 # of ours and keeps its traceback.
-USER_ERRORS = (CheckpointError, ConfigError, GenerationError, ChatTemplateError, ImageError, ParityError,
-               ProcessorError, TokenizerError)  # fmt: skip
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    GenerationError,
+    ChatTemplateError,
+    ImageError,
+    ParityError,
+    ProcessorError,
+    TokenizerError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minivlm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="minivlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parsers(sub)
     bench.add_parser(sub)

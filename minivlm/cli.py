@@ -42,10 +42,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="a whole number; sampling with the same seed repeats its answer")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
-                   help="float32, bfloat16 or float16 (default: the checkpoint's, float32 on CPU)")  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        metavar="DTYPE",
+        help="float32, bfloat16 or float16 (default: the checkpoint's, float32 on CPU)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N or mps (default: cuda where there is one)",
+    )
 
 
 def log(message: str) -> None:
@@ -72,7 +79,8 @@ def check_args(args) -> None:
     """The generation settings and the device, checked before minutes of loading, not after
     (GenerationError: one line on stderr, exit status 1). Sampling settings that greedy decoding
     (temperature 0) ignores get a notice on stderr."""
-    from .generation import Sampling, check_device, check_max_new_tokens, check_seed
+    from .generation import Sampling
+    from .generation_checks import check_device, check_max_new_tokens, check_seed
 
     def flag(name, value):  # the messages name the command-line flag
         return f"--{name.replace('_', '-')} {value!r}"
@@ -82,16 +90,31 @@ def check_args(args) -> None:
     check_seed(args.seed, "--seed")
     check_device(args.device, "--device")
     if args.temperature == 0:
-        ignored = [f for f, on in (("--top-p", args.top_p != 1.0), ("--top-k", args.top_k != 0),
-                                   ("--seed", args.seed is not None)) if on]  # fmt: skip
+        ignored = [
+            f
+            for f, on in (
+                ("--top-p", args.top_p != 1.0),
+                ("--top-k", args.top_k != 0),
+                ("--seed", args.seed is not None),
+            )
+            if on
+        ]
         if ignored:
-            log(f"minivlm: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at "
-                "--temperature 0 (greedy); give a temperature above 0 to sample")  # fmt: skip
+            log(
+                f"minivlm: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at "
+                "--temperature 0 (greedy); give a temperature above 0 to sample"
+            )
 
 
 def _generation(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _prompt(processor, text: str, n_images: int) -> str:
@@ -142,7 +165,9 @@ def run_generate(args) -> None:
     sys.stdout.write("\n")
     end = time.perf_counter()
     decode = f", {(count - 1) / (end - first):.1f} tokens/s after it" if count > 1 else ""
-    log(f"{inputs['input_ids'].shape[1]} prompt tokens; first token after {first - start:.2f} s{decode}; {count} tokens")
+    log(
+        f"{inputs['input_ids'].shape[1]} prompt tokens; first token after {first - start:.2f} s{decode}; {count} tokens"
+    )
 
 
 def note_cut(model, prompt_len: int, max_new_tokens: int) -> None:
@@ -151,8 +176,10 @@ def note_cut(model, prompt_len: int, max_new_tokens: int) -> None:
 
     context = defaults_of(model).max_positions
     if context is not None and prompt_len < context and prompt_len + max_new_tokens > context:
-        log(f"minivlm: note: --max-new-tokens {max_new_tokens} cut to {context - prompt_len}: the prompt is "
-            f"{prompt_len} tokens and the model's context {context}")  # fmt: skip
+        log(
+            f"minivlm: note: --max-new-tokens {max_new_tokens} cut to {context - prompt_len}: the prompt is "
+            f"{prompt_len} tokens and the model's context {context}"
+        )
 
 
 def _read_line(prompt: str) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +105,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    kind: str = "default"                 # "default" | "linear" | "llama3"
-    factor: float = 1.0                   # linear and llama3: how much longer the context became
-    low_freq_factor: float = 1.0          # llama3 only
-    high_freq_factor: float = 4.0         # llama3 only
-    original_max_positions: int = 8192    # llama3 only: the pretraining context length
+    kind: str = "default"  # "default" | "linear" | "llama3"
+    factor: float = 1.0  # linear and llama3: how much longer the context became
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_positions: int = 8192  # llama3 only: the pretraining context length
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TextConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    dtype: str | None = None              # the dtype the checkpoint was saved in, if it says
+    dtype: str | None = None  # the dtype the checkpoint was saved in, if it says
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json", fill_defaults: bool = False) -> "TextConfig":
@@ -194,7 +194,9 @@ class TextConfig:
         qkv_bias = attention_bias if family["qkv_bias"] is None else family["qkv_bias"]
         o_bias = attention_bias if family["o_bias"] is None else family["o_bias"]
         max_positions = d.get("max_position_embeddings")
-        max_positions = family["max_positions"] if max_positions is None else size(max_positions, "max_position_embeddings", source)
+        max_positions = (
+            family["max_positions"] if max_positions is None else size(max_positions, "max_position_embeddings", source)
+        )
 
         eos = d.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
@@ -250,7 +252,8 @@ def _rope_from_hf(d: dict[str, Any], max_positions: int, source: str) -> RopeCon
         low_freq_factor=number(params["low_freq_factor"], "low_freq_factor", source, positive=True),
         high_freq_factor=number(params["high_freq_factor"], "high_freq_factor", source, positive=True),
         # As transformers: fall back to max_position_embeddings when the original length is absent.
-        original_max_positions=max_positions if original is None
+        original_max_positions=max_positions
+        if original is None
         else size(original, "original_max_position_embeddings", source),
     )
 
@@ -336,9 +339,17 @@ class VisionConfig:
         family = VISION_FAMILIES[model_type]
         d = {**family["defaults"], **{k: v for k, v in d.items() if v is not None}}
         if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACTIVATIONS:
-            raise ConfigError(f"{source}: vision hidden_act {d['hidden_act']!r} is not supported; expected one of {ACTIVATIONS}")
-        hidden, heads = size(d["hidden_size"], "hidden_size", source), size(d["num_attention_heads"], "num_attention_heads", source)
-        image_size, patch_size = size(d["image_size"], "image_size", source), size(d["patch_size"], "patch_size", source)
+            raise ConfigError(
+                f"{source}: vision hidden_act {d['hidden_act']!r} is not supported; expected one of {ACTIVATIONS}"
+            )
+        hidden, heads = (
+            size(d["hidden_size"], "hidden_size", source),
+            size(d["num_attention_heads"], "num_attention_heads", source),
+        )
+        image_size, patch_size = (
+            size(d["image_size"], "image_size", source),
+            size(d["patch_size"], "patch_size", source),
+        )
         if patch_size > image_size:
             raise ConfigError(f"{source}: patch_size {patch_size} is larger than image_size {image_size}")
         if hidden % heads:
@@ -388,135 +399,8 @@ class VLMConfig:
     drop_cls: bool  # LLaVA's "default" select strategy: drop the CLS position
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT anyres: (height, width) choices
     dtype: str | None = None
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "VLMConfig":
-        """A VLM's config.json, read by its family's reader (VLM_READERS, below)."""
-        model_type = d["model_type"]
-        if model_type not in VLM_READERS:
-            raise ConfigError(f"{source}: {model_type!r} is not a vision-language model_type minivlm knows")
-        return VLM_READERS[model_type](d, source)
-
-
-def _check_sub_configs(d: dict[str, Any], source: str) -> None:
-    for key in ("text_config", "vision_config"):
-        if d.get(key) is not None and not isinstance(d[key], dict):
-            raise ConfigError(f"{source}: {key} is {d[key]!r:.80}; expected a JSON object")
-
-
-def _vlm_text(d: dict[str, Any], source: str, **defaults: Any) -> TextConfig:
-    """A VLM's text_config (transformers' default sub-config when absent), after checking that
-    the sub-configs are objects; `defaults` are the VLM config class's own defaults for its decoder."""
-    _check_sub_configs(d, source)
-    text_d = d.get("text_config") or {"model_type": "llama"}  # transformers' default sub-config
-    return TextConfig.from_hf({**defaults, **text_d}, f"{source} text_config", fill_defaults=True)
-
-
-def llava_config(d: dict[str, Any], source: str) -> VLMConfig:
-    """LLaVA-1.5 and LLaVA-Interleave (model_type llava); LLaVA-NeXT adds its pinpoints (below)."""
-    model_type = d["model_type"]
-    text = _vlm_text(d, source)
-    # LlavaConfig's default tower: CLIP ViT-L/14 at 336.
-    vision_d = d.get("vision_config") or {}
-    vision_d = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
-                **vision_d}  # fmt: skip
-    vision = VisionConfig.from_hf(vision_d, f"{source} vision_config")
-    layers = d.get("vision_feature_layer", -2)
-    layers = tuple(layers) if isinstance(layers, list) else (layers,)
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int) or not -(vision.num_layers + 1) <= i <= vision.num_layers:
-            raise ConfigError(
-                f"{source}: vision_feature_layer {i!r} is out of range for {vision.num_layers} vision layers"
-            )
-    strategy = d.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
-    act = d.get("projector_hidden_act", "gelu")
-    if not isinstance(act, str) or act not in ACTIVATIONS:
-        raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported; expected one of {ACTIVATIONS}")
-    connector = ConnectorConfig(
-        "mlp2x_gelu", vision.hidden_size * len(layers), text.hidden_size, act=act,
-        bias=bool(d.get("multimodal_projector_bias", True)),
-    )  # fmt: skip
-    # A VLM ties by its top-level flag; LlavaConfig alone also honours a text_config's flag
-    # (older files saved it there). The decision is kept in one place: the text config.
-    tie = bool(d.get("tie_word_embeddings", False)) or (model_type == "llava" and text.tie_word_embeddings)
-    return VLMConfig(
-        model_type=model_type, text=replace(text, tie_word_embeddings=tie), vision=vision,
-        connector=connector,
-        image_token_id=token_id(d.get("image_token_index", d.get("image_token_id", 32000)), "image_token_index", source),
-        feature_layers=layers, drop_cls=strategy == "default",
-        dtype=d.get("dtype") or d.get("torch_dtype"),
-    )  # fmt: skip
-
-
-def llava_next_config(d: dict[str, Any], source: str) -> VLMConfig:
-    """LLaVA-NeXT: LLaVA's fields, and the anyres grid's (height, width) choices."""
-    config = llava_config(d, source)
-    raw = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
-        raise ConfigError(f"{source}: image_grid_pinpoints is {raw!r}; expected a list of [height, width] pairs")
-    pinpoints = tuple(tuple(size(x, "image_grid_pinpoints", source) for x in p) for p in raw)
-    return replace(config, image_grid_pinpoints=pinpoints)
-
-
-def idefics3_config(d: dict[str, Any], source: str) -> VLMConfig:
-    """Idefics3 / SmolVLM: the NaViT tower, a pixel shuffle connector."""
-    text = _vlm_text(d, source, rms_norm_eps=1e-5)  # Idefics3Config's own default for its Llama
-    vision = VisionConfig.from_hf({"model_type": "idefics3_vision", **(d.get("vision_config") or {})},
-                                  f"{source} vision_config")  # fmt: skip
-    scale = size(d.get("scale_factor", 2), "scale_factor", source)
-    if vision.grid % scale:
-        raise ConfigError(f"{source}: scale_factor {scale} does not divide the {vision.grid}-patch grid")
-    connector = ConnectorConfig(
-        "pixel_shuffle", vision.hidden_size * scale**2, text.hidden_size, bias=False, scale_factor=scale
-    )
-    text = replace(text, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
-    return VLMConfig(
-        model_type=d["model_type"], text=text, vision=vision, connector=connector,
-        image_token_id=token_id(d.get("image_token_id", 128257), "image_token_id", source),
-        feature_layers=None, drop_cls=False,
-        dtype=d.get("dtype") or d.get("torch_dtype"),
-    )  # fmt: skip
-
-
-# MiniCPM-Llama3-V 2.5's vision tower (SigLIP so400m/14 as transformers' Idefics2VisionConfig),
-# which llama3v's config.json leaves out: it names only `patch_size`.
-LLAMA3V_VISION = dict(model_type="idefics3_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                      num_attention_heads=16, image_size=980, patch_size=14)  # fmt: skip
-LLAMA3V_UNK_ID = 128002  # `<unk>` in llama3v's Llama-3 vocabulary: the placeholder the image features replace
-LLAMA3V_EOT_ID = 128009  # `<|eot_id|>`: MiniCPM-Llama3-V ends its turns with it as well as with <|end_of_text|>
-
-
-def llama3v_config(d: dict[str, Any], source: str) -> VLMConfig:
-    """llama3v keeps the Llama-3 decoder's fields at the top level of config.json, beside
-    `query_num`, `image_size` (the slicing scale), `patch_size` and `slice_mode`. A `vision_config`
-    dict, if present, overrides the tower's defaults (tests use it for tiny towers)."""
-    _check_sub_configs(d, source)
-    text = TextConfig.from_hf({**d, "model_type": "llama"}, source)
-    if d.get("eos_token_id") is None or isinstance(d["eos_token_id"], int):
-        eos = tuple(text.eos_token_id) + ((LLAMA3V_EOT_ID,) if text.vocab_size > LLAMA3V_EOT_ID else ())
-        text = replace(text, eos_token_id=eos)
-    vision_d = {**LLAMA3V_VISION, "patch_size": d.get("patch_size", 14), **(d.get("vision_config") or {})}
-    vision = VisionConfig.from_hf({**vision_d, "model_type": "idefics3_vision"}, f"{source} vision_config")
-    # MiniCPM-V gives its resampler one head per 128 channels of the decoder's width.
-    heads = text.hidden_size // 128
-    if heads < 1 or text.hidden_size % 128:
-        raise ConfigError(f"{source}: hidden_size {text.hidden_size} is not a multiple of 128, the resampler's head width")
-    queries = size(d.get("query_num", 96), "query_num", source)
-    connector = ConnectorConfig("resampler", vision.hidden_size, text.hidden_size, num_queries=queries, num_heads=heads)
-    return VLMConfig(
-        model_type="llama3v", text=text, vision=vision, connector=connector,
-        image_token_id=token_id(d.get("image_token_id", LLAMA3V_UNK_ID), "image_token_id", source),
-        feature_layers=None, drop_cls=False,
-        dtype=d.get("dtype") or d.get("torch_dtype"),
-    )  # fmt: skip
-
-
-# model_type -> its reader, for VLMConfig.from_hf. load.FAMILIES names each family's reader itself.
-VLM_READERS = {"llava": llava_config, "llava_next": llava_next_config, "idefics3": idefics3_config,
-               "llama3v": llama3v_config}  # fmt: skip
+    # Each family's config.json is read into one by its reader in family_config.py, named in its
+    # row of load.FAMILIES.
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 Each is one class, chosen by `ConnectorConfig.kind` through `CONNECTORS`. A new connector is a
 class here and a row there (and, to load a checkpoint, the rows of its keys in the family's table).
+A connector also says how many tokens it makes of a view's patches (`Connector.tokens`): the
+processor asks it, so the prompt carries one image token per feature.
 """
 
 from __future__ import annotations
@@ -15,7 +17,23 @@ from .config import ConnectorConfig
 from .vision import LayerNorm
 
 
-class Linear(nn.Module):
+class Connector(nn.Module):
+    """A connector's token count: one token per patch feature, unless a subclass merges them."""
+
+    @staticmethod
+    def tokens(config: ConnectorConfig, patches: int) -> int:
+        """The tokens this connector makes of one view's `patches` features."""
+        return patches
+
+
+def connector_tokens(config: ConnectorConfig, patches: int) -> int:
+    """The tokens `config`'s connector class makes of `patches` features (a class outside
+    `Connector`, such as a bare nn.Module, keeps the count)."""
+    cls = CONNECTORS.get(config.kind)
+    return cls.tokens(config, patches) if isinstance(cls, type) and issubclass(cls, Connector) else patches
+
+
+class Linear(Connector):
     """One projection."""
 
     def __init__(self, config: ConnectorConfig):
@@ -26,7 +44,7 @@ class Linear(nn.Module):
         return self.proj(x)
 
 
-class MLP2xGELU(nn.Module):
+class MLP2xGELU(Connector):
     """LLaVA's `mlp2x_gelu` projector: Linear, GELU, Linear."""
 
     def __init__(self, config: ConnectorConfig):
@@ -51,8 +69,12 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     return x.reshape(n, seq // scale**2, d * scale * scale)
 
 
-class PixelShuffle(nn.Module):
+class PixelShuffle(Connector):
     """Idefics3 / SmolVLM: pixel shuffle by `scale_factor`, then one Linear without bias."""
+
+    @staticmethod
+    def tokens(config: ConnectorConfig, patches: int) -> int:
+        return patches // config.scale_factor**2
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()
@@ -83,6 +105,8 @@ class PackedAttention(nn.Module):
     """Multi-head attention with q/k/v packed in one `in_proj_weight` (3*d, d), as
     torch.nn.MultiheadAttention stores it (and so the llama3v checkpoint)."""
 
+    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -98,13 +122,19 @@ class PackedAttention(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:  # (n, seq, d) -> (n, heads, seq, head_dim)
             return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = ops.attention(heads(F.linear(q, w_q, b_q)), heads(F.linear(k, w_k, b_k)), heads(F.linear(v, w_v, b_v)),
-                            causal=False, kv_valid=kv_valid)  # fmt: skip
+        out = ops.attention(
+            heads(F.linear(q, w_q, b_q)),
+            heads(F.linear(k, w_k, b_k)),
+            heads(F.linear(v, w_v, b_v)),
+            causal=False,
+            kv_valid=kv_valid,
+            kernels=self.kernels,
+        )
         n, _, queries, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(n, queries, -1))
 
 
-class Resampler(nn.Module):
+class Resampler(Connector):
     """llama3v / MiniCPM-Llama3-V 2.5: a perceiver resampler. `num_queries` learned queries attend,
     in one multi-head cross-attention, over the patch features of one slice (plus the 2D sin-cos
     embedding of each patch's place in the slice's own grid, on the keys only), whatever the
@@ -120,6 +150,10 @@ class Resampler(nn.Module):
         self.ln_kv = LayerNorm(dim, eps=1e-6)
         self.ln_post = LayerNorm(dim, eps=1e-6)
         self.proj = nn.Parameter(torch.empty(dim, dim))  # applied as x @ proj
+
+    @staticmethod
+    def tokens(config: ConnectorConfig, patches: int) -> int:
+        return config.num_queries
 
     def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (n, h*w, in_dim): each slice's patch features on an h x w canvas, row-major;

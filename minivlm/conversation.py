@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .decoder import KVCache
-from .generation import check_context, defaults_of, new_cache, stream
+from .generation import defaults_of, stream
+from .generation_checks import check_context, new_cache
 from .processing.processor import ProcessorError
 
 
@@ -53,8 +54,15 @@ class Conversation:
         """The answer to one user turn (with its images), streamed as text pieces. If the turn
         fails or is interrupted (an exception, KeyboardInterrupt, or the caller closing the
         iterator before the end), it is dropped: the state is the one before the turn."""
-        saved = (list(self.messages), list(self.images), self.cache, self.cache.length if self.cache else 0,
-                 self.cached_text, list(self.token_ids), self.prefilled)  # fmt: skip
+        saved = (
+            list(self.messages),
+            list(self.images),
+            self.cache,
+            self.cache.length if self.cache else 0,
+            self.cached_text,
+            list(self.token_ids),
+            self.prefilled,
+        )
         finished = False
         try:
             yield from self._say(text, images)
@@ -91,8 +99,9 @@ class Conversation:
         self.prefilled = new
         answer_ids: list[int] = []
         pieces = []
-        for piece in stream(self.model, self.processor, cache=self.cache, on_token=answer_ids.append,
-                            **self.generation, **inputs):  # fmt: skip
+        for piece in stream(
+            self.model, self.processor, cache=self.cache, on_token=answer_ids.append, **self.generation, **inputs
+        ):
             pieces.append(piece)
             yield piece
         # The cache now holds the prompt and every answer token but the last one sampled (the EOS,
@@ -158,7 +167,7 @@ def tokenize_segments(processor, segments: list[tuple[str, bool]], images: list,
     typed_specials = any(
         user and tokenizer.encode(piece, False) != tokenizer.encode(piece, False, split_special_tokens=True)
         for piece, user in segments
-    )  # fmt: skip
+    )
     if not typed_specials:  # the prompt tokenized whole, as transformers tokenizes it
         return processor(text=text, images=images or None, add_special_tokens=first)
     template = "".join(piece for piece, user in segments if not user)
@@ -171,12 +180,15 @@ def tokenize_segments(processor, segments: list[tuple[str, bool]], images: list,
         if user:
             part = tokenizer.encode(piece, False, split_special_tokens=True)
             if image_id is not None and processor.family is not None and image_id in part:
-                raise ProcessorError(f"the message's text holds {image_token!r}, which this tokenizer reads as the "
-                                     "image token; attach images with '/image FILE' (or as image parts)")  # fmt: skip
+                raise ProcessorError(
+                    f"the message's text holds {image_token!r}, which this tokenizer reads as the "
+                    "image token; attach images with '/image FILE' (or as image parts)"
+                )
         else:
             n = piece.count(image_token)
-            part = processor(text=piece, images=images[k : k + n] or None, add_special_tokens=False,
-                             return_tensors=None)["input_ids"][0]  # fmt: skip
+            part = processor(
+                text=piece, images=images[k : k + n] or None, add_special_tokens=False, return_tensors=None
+            )["input_ids"][0]
             k += n
         ids += part
     if first:

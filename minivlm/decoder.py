@@ -55,13 +55,15 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, v
 
 
 class RMSNorm(nn.Module):
+    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 class KVCache:
@@ -98,12 +100,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.window = config.sliding_windows[layer]
-        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        hidden, q_dim, kv_dim = (
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
         self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
@@ -122,13 +130,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, k, cos, sin)
+        q, k = ops.apply_rope(q, k, cos, sin, self.kernels)
 
         offset = 0
         if cache is not None:
             offset = cache.length
             k, v = cache.write(self.layer, k, v)  # (batch, kv_heads, offset + seq, head_dim)
-        out = ops.attention(q, k, v, causal=True, q_offset=offset, kv_valid=kv_valid, window=self.window)
+        out = ops.attention(
+            q, k, v, causal=True, q_offset=offset, kv_valid=kv_valid, window=self.window, kernels=self.kernels
+        )
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -215,13 +225,15 @@ class TextModel(nn.Module):
 class DecoderLM(nn.Module):
     """A text-only checkpoint (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): ids -> logits."""
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, kernels: str | bool | None = None):
+        """kernels: "auto", "on" (True) or "off" (False); None reads MINIVLM_KERNELS (ops.kernels_choice)."""
         super().__init__()
         self.config = config
         self.model = TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.kernels = ops.set_kernels(self, kernels)  # the choice, made once here
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache on the model's device and in its dtype."""

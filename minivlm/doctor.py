@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, TensorEntry, checkpoint_file, read_header
 from .config import ConfigError
 from .generation import GenerationDefaults, GenerationError
 from .hub import resolve_checkpoint
@@ -31,17 +32,34 @@ from .processing.files import open_regular
 from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError, load_tokenizer
-from .weights import CheckpointError, TensorEntry, _skip_init, checkpoint_file, compare_tensors, dtype_name, read_header
+from .weights import compare_tensors, dtype_name, skip_init
 
 CHUNK_BYTES = 16 * 1024 * 1024  # NaN/Inf scan: bytes read per step
 MAX_PER_KIND = 20  # of one kind of key problem (missing, unexpected, ...), listed one by one
 # Errors a check may end in that are about the checkpoint, not a bug of minivlm.
-CHECKPOINT_ERRORS = (CheckpointError, ConfigError, ProcessorError, TokenizerError, ChatTemplateError, ImageError,
-                     GenerationError)  # fmt: skip
+CHECKPOINT_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    ProcessorError,
+    TokenizerError,
+    ChatTemplateError,
+    ImageError,
+    GenerationError,
+)
 # Every file the doctor may read besides the weights: when present, each must be a regular file.
-KNOWN_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
-               "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
-               "preprocessor_config.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+KNOWN_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
@@ -129,7 +147,11 @@ class Doctor:
                     raise TypeError
             except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 if index_path.is_file():
-                    self.add("not a valid index", index_path.name, "a JSON object whose 'weight_map' maps tensor names to shard files")
+                    self.add(
+                        "not a valid index",
+                        index_path.name,
+                        "a JSON object whose 'weight_map' maps tensor names to shard files",
+                    )
                 return None
             names = sorted(set(weight_map.values()))
         elif (folder / "model.safetensors").exists():
@@ -159,10 +181,14 @@ class Doctor:
                     continue
                 entries[key] = entry
                 if weight_map and weight_map.get(key, name) != name:
-                    self.add(f"the index places it in {weight_map[key]}", f"{key} in {name}", "the index to name its file")
+                    self.add(
+                        f"the index places it in {weight_map[key]}", f"{key} in {name}", "the index to name its file"
+                    )
         for key, name in weight_map.items():
             if key not in entries and complete:
-                self.add(f"the index names it in {name}, which does not hold it", key, "a tensor the index lists to exist")
+                self.add(
+                    f"the index names it in {name}, which does not hold it", key, "a tensor the index lists to exist"
+                )
         self.notes.append(f"{len(entries)} tensors in {len(names)} file(s)")
         return entries if complete else None
 
@@ -170,7 +196,7 @@ class Doctor:
 
     def check_keys(self, family, config, entries: dict[str, TensorEntry]) -> None:
         try:
-            with torch.device("meta"), _skip_init():
+            with torch.device("meta"), skip_init():
                 model = family.module(config)
         except (RuntimeError, ValueError) as e:  # the config passed validation but builds nothing
             self.add(f"cannot build the model ({type(e).__name__}: {e})", "config.json", "sizes that make a model")
@@ -183,11 +209,19 @@ class Doctor:
         rows = (
             [("unexpected tensor", e.key, "no such tensor in the model config.json describes") for e in bad.unexpected]
             + [("missing tensor", name, "a tensor of shape " + str(list(expected[name].shape))) for name in bad.missing]
-            + [(f"shape {list(e.shape)}", f"{e.key} in {e.file.name}", f"shape {list(want)}") for e, want in bad.wrong_shape]
-            + [(f"dtype {dtype_name(e.dtype)}", f"{e.key} in {e.file.name}", "a floating-point dtype (F32, F16, BF16)")
-               for e in bad.wrong_dtype]
-            + [(f"loads into {name!r} as {a.key!r} does", b.key, "one tensor per parameter") for a, b, name in bad.duplicates]
-        )  # fmt: skip
+            + [
+                (f"shape {list(e.shape)}", f"{e.key} in {e.file.name}", f"shape {list(want)}")
+                for e, want in bad.wrong_shape
+            ]
+            + [
+                (f"dtype {dtype_name(e.dtype)}", f"{e.key} in {e.file.name}", "a floating-point dtype (F32, F16, BF16)")
+                for e in bad.wrong_dtype
+            ]
+            + [
+                (f"loads into {name!r} as {a.key!r} does", b.key, "one tensor per parameter")
+                for a, b, name in bad.duplicates
+            ]
+        )
         kinds: dict[str, int] = {}
         for what, where, want in rows:
             kind = what.split(" ")[0] if not what.startswith("loads") else "duplicate"
@@ -198,8 +232,11 @@ class Doctor:
             if count > MAX_PER_KIND:
                 self.add(f"{count - MAX_PER_KIND} more of the kind above ({kind})", "tensors", "as above")
         if bad.want_params != bad.have_params:
-            self.add(f"config.json describes {bad.want_params:,} parameters, the tensors hold {bad.have_params:,}",
-                     "config.json", "the config of these weights")  # fmt: skip
+            self.add(
+                f"config.json describes {bad.want_params:,} parameters, the tensors hold {bad.have_params:,}",
+                "config.json",
+                "the config of these weights",
+            )
         self.notes.append(f"{bad.want_params:,} parameters expected")
 
     def check_values(self, entries: dict[str, TensorEntry]) -> None:
@@ -303,15 +340,18 @@ def run_doctor(args) -> int:
         print(problem, flush=True)
     checked = "; ".join(doctor.notes)
     if problems:
-        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found in {folder}" + (f" ({checked})" if checked else ""))
+        print(
+            f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found in {folder}"
+            + (f" ({checked})" if checked else "")
+        )
         return 1
     print(f"no problems found in {folder}" + (f" ({checked})" if checked else ""))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="check a checkpoint folder and list every problem found",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = sub.add_parser(
+        "doctor", help="check a checkpoint folder and list every problem found", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("path", help="a checkpoint folder (or a hub id already under weights/)")
     p.set_defaults(run=run_doctor)
-

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from .weights import CheckpointError
+from .checkpoint import CheckpointError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # What a checkpoint folder needs; anything else in a hub repo (.bin, .pth, onnx, gguf) is skipped.
@@ -25,7 +25,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         return path
     text = str(path_or_id)
     if not HUB_ID.fullmatch(text) or path.exists():
-        raise CheckpointError(f"{text}: no such checkpoint folder (expected a folder with config.json, or a hub id org/name)")
+        raise CheckpointError(
+            f"{text}: no such checkpoint folder (expected a folder with config.json, or a hub id org/name)"
+        )
     local = weights_dir() / text.split("/")[1]
     if (local / "config.json").is_file():
         return local
@@ -42,9 +44,13 @@ def download(hub_id: str, local: Path) -> Path:
     try:
         snapshot_download(hub_id, local_dir=local, allow_patterns=CHECKPOINT_FILES)
     except GatedRepoError:
-        raise CheckpointError(f"{hub_id}: the model is gated; accept its terms on the hub and log in (hf auth login)") from None
+        raise CheckpointError(
+            f"{hub_id}: the model is gated; accept its terms on the hub and log in (hf auth login)"
+        ) from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{hub_id}: no such local folder, and no such model on the hub (or it is private)") from None
+        raise CheckpointError(
+            f"{hub_id}: no such local folder, and no such model on the hub (or it is private)"
+        ) from None
     except Exception as e:  # offline, DNS, proxy, HTTP errors: one line, not a traceback
         raise CheckpointError(
             f"{hub_id}: no such local folder, not in {local}, and the hub could not be reached "

@@ -9,13 +9,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, TextConfig, idefics3_config, llama3v_config, llava_config, llava_next_config, read_config
+from . import ops
+from .config import ConfigError, TextConfig, read_config
 from .decoder import DecoderLM
+from .family_config import idefics3_config, llama3v_config, llava_config, llava_next_config
 from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
+from .parity import NO_PARITY_LLAMA3V, TEXT_PARITY, VLM_PARITY, ParityMap
 from .processing.files import open_regular, read_json
-from .processing.processor import (Idefics3Processor, Llama3VProcessor, LlavaNextProcessor, LlavaProcessor, Processor,
-                                   ProcessorError)  # fmt: skip
+from .processing.processor import (
+    Idefics3Processor,
+    Llama3VProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    Processor,
+    ProcessorError,
+)
 from .processing.tokenizer import TokenizerError
 from .vlm import Idefics3, Llama3V, Llava, LlavaNext
 from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
@@ -23,21 +32,24 @@ from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTabl
 
 @dataclass(frozen=True)
 class Family:
+    """Everything minivlm knows of one family, by the place in the code where it lives."""
+
     config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source name) -> frozen config
-    module: Callable[[Any], nn.Module]  # config -> module tree (built on the meta device)
-    keys: KeyTable
-    processor: type[Processor] = Processor  # its tiling, placeholder text and token count
+    module: Callable[..., nn.Module]  # (config, kernels=...) -> module tree (built on the meta device)
+    keys: KeyTable  # checkpoint key -> module name (weights.py)
+    processor: type[Processor]  # its image settings, tiling, placeholder text and token count
+    parity: ParityMap  # transformers' twin and the stages `minivlm parity` compares
 
 
 # config.json's model_type -> family. A new family, or a variant of one, is its classes and one row here.
 FAMILIES: dict[str, Family] = {
-    "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
-    "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
-    "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS),
-    "llava": Family(llava_config, Llava, LLAVA_KEYS, LlavaProcessor),
-    "llava_next": Family(llava_next_config, LlavaNext, LLAVA_KEYS, LlavaNextProcessor),
-    "idefics3": Family(idefics3_config, Idefics3, IDEFICS3_KEYS, Idefics3Processor),
-    "llama3v": Family(llama3v_config, Llama3V, LLAMA3V_KEYS, Llama3VProcessor),
+    "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
+    "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
+    "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
+    "llava": Family(llava_config, Llava, LLAVA_KEYS, LlavaProcessor, VLM_PARITY),
+    "llava_next": Family(llava_next_config, LlavaNext, LLAVA_KEYS, LlavaNextProcessor, VLM_PARITY),
+    "idefics3": Family(idefics3_config, Idefics3, IDEFICS3_KEYS, Idefics3Processor, VLM_PARITY),
+    "llama3v": Family(llama3v_config, Llama3V, LLAMA3V_KEYS, Llama3VProcessor, NO_PARITY_LLAMA3V),
 }
 
 DTYPES = {
@@ -60,21 +72,28 @@ def parse_dtype(dtype: torch.dtype | str | None, default: str | None = None) -> 
     return DTYPES[name]
 
 
-def read_family_config(folder) -> tuple[Family, Any]:
-    """The family and the validated config of a checkpoint folder, from its config.json.
+def family_of(folder) -> tuple[str, Family]:
+    """The model_type of a checkpoint folder's config.json, and its row of FAMILIES."""
+    raw = read_config(folder)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        what = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise ConfigError(f"{folder / 'config.json'}: {what}; minivlm loads {sorted(FAMILIES)}")
+    return model_type, FAMILIES[model_type]
+
+
+def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
+    """A config.json's dict -> its family's validated, frozen config (TextConfig or VLMConfig).
 
     Sizes beyond config.SIZE_LIMITS are refused unless MINIVLM_TRUST_CONFIG=1; a field of the
     wrong type anywhere is a ConfigError naming the file, never a traceback.
     """
-    raw = read_config(folder)
-    source = str(folder / "config.json")
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         what = f"model_type {model_type!r}" if model_type else "no model_type"
         raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
-    family = FAMILIES[model_type]
     try:
-        return family, family.config(raw, source)
+        return FAMILIES[model_type].config(raw, source)
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a field of the wrong shape
@@ -84,14 +103,24 @@ def read_family_config(folder) -> tuple[Family, Any]:
         ) from None
 
 
+def read_family_config(folder) -> tuple[Family, Any]:
+    """The family and the validated config of a checkpoint folder, from its config.json."""
+    raw = read_config(folder)
+    config = config_from_hf(raw, str(folder / "config.json"))
+    return FAMILIES[raw["model_type"]], config
+
+
 def load_model(
     path_or_id: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    kernels: str | bool | None = None,
 ) -> nn.Module:
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
 
     dtype None keeps the dtype config.json records (transformers' `dtype="auto"`), else float32.
+    kernels: "auto" (the Triton kernels on CUDA when triton imports), "on" (True) or "off" (False);
+    None reads the environment variable MINIVLM_KERNELS (1 on, 0 off, unset auto), here, once.
     config.json's sizes are bounded (config.SIZE_LIMITS; MINIVLM_TRUST_CONFIG=1 lifts the bounds),
     and every tensor's name, shape and dtype is checked against the model from the headers alone,
     before any memory is allocated for weights. `python -m minivlm doctor PATH` lists every problem.
@@ -99,7 +128,8 @@ def load_model(
     folder = resolve_checkpoint(path_or_id)
     family, config = read_family_config(folder)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
-    model = load_weights(lambda: family.module(config), folder, family.keys, dtype, torch.device(device))
+    kernels = ops.kernels_choice(kernels)
+    model = load_weights(lambda: family.module(config, kernels), folder, family.keys, dtype, torch.device(device))
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
     return model
 
@@ -110,20 +140,35 @@ def load_processor(path_or_id: str | os.PathLike) -> Processor:
     for name in PROCESSOR_FILES:  # a FIFO or folder by one of these names is refused, not skipped
         if (folder / name).exists():
             open_regular(folder / name, ProcessorError).close()
-    # The family's row names its processor; a folder without a known model_type (a processor
-    # saved alone) is read as its processor_config.json's processor_class says.
     try:
-        model_type = read_json(folder / "config.json", ProcessorError).get("model_type")
-    except ProcessorError:  # a processor needs no config.json, nor one it can read
-        model_type = None
-    family = FAMILIES[model_type].processor if isinstance(model_type, str) and model_type in FAMILIES else None
-    try:
-        return Processor.load(folder, family)
+        return processor_class(folder).load(folder)
     except TokenizerError as e:
         raise ProcessorError(str(e)) from None
 
 
+def processor_class(folder) -> type[Processor]:
+    """The processor class of a checkpoint folder: its family's (by config.json's model_type), or for
+    a processor saved alone, the one whose `hf_name` processor_config.json's processor_class gives;
+    else the text-only Processor."""
+    try:
+        model_type = read_json(folder / "config.json", ProcessorError).get("model_type")
+    except ProcessorError:  # a processor needs no config.json, nor one it can read
+        model_type = None
+    if isinstance(model_type, str) and model_type in FAMILIES:
+        return FAMILIES[model_type].processor
+    name = read_json(folder / "processor_config.json", ProcessorError).get("processor_class")
+    return next((f.processor for f in FAMILIES.values() if name and f.processor.hf_name == name), Processor)
+
+
 # The files a processor may read, which must be regular files when present.
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
-                   "config.json")  # fmt: skip
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
+)

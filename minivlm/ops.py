@@ -6,9 +6,14 @@ transformers module named beside it (including where it casts), because that is 
 same dtype at the same step, not merely the same formula.
 
 Dispatch: RMSNorm, LayerNorm, RoPE and attention run minivlm's Triton kernels (`minivlm.kernels`)
-for CUDA tensors when triton imports, and this plain PyTorch otherwise. `MINIVLM_KERNELS=0` forces
-the plain path everywhere; `MINIVLM_KERNELS=1` forces the kernels even for CPU tensors, which
-triton runs only under `TRITON_INTERPRET=1` (slowly: that is for tests).
+or this plain PyTorch, as the calling module's `kernels` choice says:
+  "auto": the kernels for CUDA tensors when triton imports, plain PyTorch otherwise;
+  "off":  plain PyTorch everywhere;
+  "on":   the kernels, even for CPU tensors, which triton runs only under TRITON_INTERPRET=1
+          (slowly: that is for tests).
+A model makes the choice once, when it is built or loaded (`load_model(kernels=...)`, else the
+environment variable MINIVLM_KERNELS: 1 on, 0 off, unset auto), and `set_kernels` hands it to each
+module that calls an op here.
 """
 
 from __future__ import annotations
@@ -34,27 +39,67 @@ def _triton_kernels():
     return kernels
 
 
-def use_kernels(x: torch.Tensor) -> bool:
-    """Whether an op on `x` runs the Triton kernel (see the module docstring)."""
-    flag = os.environ.get("MINIVLM_KERNELS", "")
-    if flag == "0":
+KERNEL_CHOICES = ("auto", "on", "off")
+KERNELS_ENV = {"": "auto", "1": "on", "0": "off"}  # MINIVLM_KERNELS -> the choice
+
+
+def kernels_choice(value: str | bool | None = None) -> str:
+    """ "auto", "on" or "off", from `value` (True is "on", False "off"), or else from MINIVLM_KERNELS,
+    read here: once per model, when it is built or loaded."""
+    if value is None:
+        flag = os.environ.get("MINIVLM_KERNELS", "")
+        if flag not in KERNELS_ENV:
+            raise ValueError(
+                f"MINIVLM_KERNELS={flag!r}: expected 1 (the Triton kernels), 0 (plain PyTorch) or unset (auto)"
+            )
+        value = KERNELS_ENV[flag]
+    value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={value!r}: expected one of {KERNEL_CHOICES}, True or False")
+    if value == "on" and _triton_kernels() is None:
+        raise RuntimeError(
+            "the Triton kernels were asked for (kernels='on' or MINIVLM_KERNELS=1) but triton "
+            "cannot be imported; install triton, or use kernels='auto'"
+        )
+    return value
+
+
+def set_kernels(model: torch.nn.Module, kernels: str | bool | None = None) -> str:
+    """Give every module of `model` that calls an op here (those with a `kernels` attribute) the
+    choice; returns it."""
+    choice = kernels_choice(kernels)
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = choice
+    return choice
+
+
+@functools.cache
+def _interpreting() -> bool:
+    """Whether triton runs kernels on the CPU: TRITON_INTERPRET=1, which triton reads when it is imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_kernels(x: torch.Tensor, kernels: str) -> bool:
+    """Whether an op on `x` runs the Triton kernel under the choice `kernels` (see the module docstring)."""
+    if kernels == "off":
         return False
-    if flag == "1":
-        if _triton_kernels() is None:
-            raise RuntimeError("MINIVLM_KERNELS=1 but triton cannot be imported; install triton or unset it")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("MINIVLM_KERNELS=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    if kernels == "on":
+        if not x.is_cuda and not _interpreting():
+            raise RuntimeError(
+                "the Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+            )
         return True
     return x.is_cuda and _triton_kernels() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "auto") -> torch.Tensor:
     """RMSNorm as transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
 
     The cast happens before the multiply by `weight`, so in bf16 the product is rounded twice; a
     kernel that multiplies in fp32 and rounds once is more accurate and would not match.
     """
-    if use_kernels(x):
+    if use_kernels(x, kernels):
         return _triton_kernels().norms.rms_norm(x, weight, eps)
     dtype = x.dtype
     x32 = x.float()
@@ -107,10 +152,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) by cos/sin (batch, seq, head_dim)."""
-    if use_kernels(q):
+    """Rotate q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) by cos and sin
+    (batch, seq, head_dim)."""
+    if use_kernels(q, kernels):
         return _triton_kernels().rope.apply_rope(q, k, cos, sin)
     cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim): broadcast over heads
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -164,6 +210,7 @@ def attention(
     kv_valid: torch.Tensor | None = None,
     window: int | None = None,
     scale: float | None = None,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
@@ -176,7 +223,7 @@ def attention(
     The Triton kernel keeps the scores in fp32 instead (closer to exact, not bit-equal in half
     precision) and gives a query with no visible key the mean of the keys it scanned.
     """
-    if use_kernels(q):
+    if use_kernels(q, kernels):
         return _triton_kernels().attention.attention(
             q, k, v, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, scale=scale
         )
@@ -208,9 +255,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, kernels: str = "auto"
+) -> torch.Tensor:
     """LayerNorm over the last dim, as nn.LayerNorm (the vision towers)."""
-    if use_kernels(x):
+    if use_kernels(x, kernels):
         return _triton_kernels().norms.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

@@ -23,15 +23,10 @@ from torch import nn
 
 from .weights import KeyTable
 
-# The model_types transformers has a class for. Its module names map onto ours through the
-# family's key table in weights.py: the rows that load transformers 5's state dicts also name its
-# modules, since a parameter's key is its module's name plus the parameter's.
-TWINS = ("llava", "llava_next", "idefics3", "llama", "mistral", "qwen2")
-TEXT_ONLY = ("llama", "mistral", "qwen2")
-
 # The stages compared, as patterns over our module names, in the order a forward pass runs them.
-# "input" stages record what enters the module (the merged sequence enters decoder layer 0).
-STAGES = [
+# "input" stages record what enters the module (the merged sequence enters decoder layer 0). A
+# pattern that matches no module of a family (a text model's vision stages) is skipped.
+STAGES = (
     (r"vision_tower\.embeddings", "output", "vision embeddings"),
     (r"vision_tower\.pre_layrnorm", "output", "vision pre-norm"),
     (r"vision_tower\.encoder\.layers\.(\d+)", "output", "vision layer {}"),
@@ -42,7 +37,29 @@ STAGES = [
     (r"(?:language_model\.)?model\.layers\.(\d+)", "output", "decoder layer {}"),
     (r"(?:language_model\.)?model\.norm", "output", "final norm"),
     (r"(?:language_model\.)?lm_head", "output", "logits"),
-]
+)
+
+
+@dataclass(frozen=True)
+class ParityMap:
+    """How `minivlm parity` compares a family with transformers: a field of the family's row in
+    load.FAMILIES. Module names map onto transformers' through the family's key table: the rows that
+    load transformers 5's state dicts also name its modules, since a key is its module's name plus
+    the parameter's."""
+
+    auto_class: str | None  # transformers' Auto class that loads the checkpoint; None: it has no twin
+    stages: tuple = STAGES
+    text_only: bool = False  # the checkpoint takes no --image
+    missing: str = ""  # auto_class None: why, and what checks the family instead
+
+
+TEXT_PARITY = ParityMap("AutoModelForCausalLM", text_only=True)
+VLM_PARITY = ParityMap("AutoModelForImageTextToText")
+NO_PARITY_LLAMA3V = ParityMap(
+    None,
+    missing="transformers has no llama3v (MiniCPM-Llama3-V 2.5) model: it runs only as remote code. "
+    "tests/test_llama3v.py checks each part against references built from transformers and torch",
+)
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -75,17 +92,7 @@ class Row:
         return not self.rel <= tolerance  # "not <=": a NaN difference is beyond every tolerance
 
 
-def check_twin(model_type: str) -> None:
-    if model_type == "llama3v":
-        raise ParityError(
-            "transformers has no llama3v (MiniCPM-Llama3-V 2.5) model: it runs only as remote code. "
-            "tests/test_llama3v.py checks each part against references built from transformers and torch"
-        )
-    if model_type not in TWINS:
-        raise ParityError(f"model_type {model_type!r}: minivlm parity knows transformers' twins of {sorted(TWINS)}")
-
-
-def stages_of(ours: nn.Module, theirs: nn.Module, keys: KeyTable) -> list[Stage]:
+def stages_of(ours: nn.Module, theirs: nn.Module, keys: KeyTable, stages: tuple = STAGES) -> list[Stage]:
     """The stages of our model, each with the name of its twin in transformers' model (or None)."""
     twin = {}  # our module name -> transformers' module name
     for name, _ in theirs.named_modules():
@@ -94,7 +101,7 @@ def stages_of(ours: nn.Module, theirs: nn.Module, keys: KeyTable) -> list[Stage]
             twin.setdefault(mapped.removesuffix("."), name)
     names = [name for name, _ in ours.named_modules()]
     out = []
-    for pattern, where, label in STAGES:
+    for pattern, where, label in stages:
         for name in names:
             m = re.fullmatch(pattern, name)
             if m:
@@ -130,11 +137,16 @@ def record(model: nn.Module, stages: list[Stage], side: str) -> tuple[dict[str, 
 
 
 def compare(
-    ours: nn.Module, theirs: nn.Module, keys: KeyTable, inputs: dict[str, torch.Tensor], tolerance: float
+    ours: nn.Module,
+    theirs: nn.Module,
+    keys: KeyTable,
+    inputs: dict[str, torch.Tensor],
+    tolerance: float,
+    stages: tuple = STAGES,
 ) -> list[Row]:
     """Run both models on `inputs` and compare every stage. Returns one row per stage, in order.
     `keys` is the family's key table, which names transformers' modules in ours."""
-    stages = stages_of(ours, theirs, keys)
+    stages = stages_of(ours, theirs, keys, stages)
     our_values, our_hooks = record(ours, stages, "ours")
     their_values, their_hooks = record(theirs, stages, "theirs")
     try:
@@ -163,9 +175,17 @@ def compare(
         scale = (float(finite.max()) if finite.numel() else 0.0) or 1.0
         worst = int(diff.argmax())
         beyond = (diff > tolerance * scale).nonzero()
-        rows.append(Row(stage, tuple(b.shape), float(diff[worst]), float(diff[worst]) / scale, index(worst, b.shape),
-                        index(int(beyond[0]), b.shape) if len(beyond) else (),
-                        nans=(int(a.isnan().sum()), int(b.isnan().sum()))))  # fmt: skip
+        rows.append(
+            Row(
+                stage,
+                tuple(b.shape),
+                float(diff[worst]),
+                float(diff[worst]) / scale,
+                index(worst, b.shape),
+                index(int(beyond[0]), b.shape) if len(beyond) else (),
+                nans=(int(a.isnan().sum()), int(b.isnan().sum())),
+            )
+        )
     return rows
 
 
@@ -198,15 +218,28 @@ def format_table(rows: list[Row], tolerance: float) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("parity", help="minivlm against transformers, layer by layer, on one checkpoint")
     p.add_argument("--model", required=True, help="a checkpoint folder or a hub id")
-    p.add_argument("--image", action="append", default=[], metavar="FILE",
-                   help="an image (repeat for several; default: one synthetic 640x480 picture for a VLM)")  # fmt: skip
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image (repeat for several; default: one synthetic 640x480 picture for a VLM)",
+    )
     p.add_argument("--prompt", default="Describe the picture in one sentence.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                   metavar="DTYPE", help="float32 (default), bfloat16 or float16")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+        metavar="DTYPE",
+        help="float32 (default), bfloat16 or float16",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--tolerance", type=positive_float,
-                   help="largest relative difference accepted per stage (default 1e-4 in float32, "
-                        "5e-2 in bfloat16, 1e-2 in float16)")  # fmt: skip
+    p.add_argument(
+        "--tolerance",
+        type=positive_float,
+        help="largest relative difference accepted per stage (default 1e-4 in float32, "
+        "5e-2 in bfloat16, 1e-2 in float16)",
+    )
     p.set_defaults(run=run_parity)
 
 
@@ -234,59 +267,68 @@ def synthetic_image():
     return Image.fromarray(np.stack([red, green, blue], axis=-1).astype(np.uint8))
 
 
-def load_transformers(folder, model_type: str, dtype: torch.dtype, device: str) -> nn.Module:
+def load_transformers(folder, auto_class: str, dtype: torch.dtype, device: str) -> nn.Module:
     try:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
-        raise ParityError('minivlm parity compares against transformers; install it with pip install "minivlm[test]"') from None
-    auto = transformers.AutoModelForCausalLM if model_type in TEXT_ONLY else transformers.AutoModelForImageTextToText
+        raise ParityError(
+            'minivlm parity compares against transformers; install it with pip install "minivlm[test]"'
+        ) from None
+    auto = getattr(transformers, auto_class)
     model = auto.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
 
 def run_parity(args: argparse.Namespace) -> int:
     from .cli import _prompt, log
-    from .config import read_config
-    from .generation import check_device
+    from .generation_checks import check_device
     from .hub import resolve_checkpoint
-    from .load import FAMILIES, load_model, load_processor, parse_dtype
+    from .load import family_of, load_model, load_processor, parse_dtype
     from .processing.image import load_image
 
     dtype = parse_dtype(args.dtype)
     check_device(args.device, "--device")
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[dtype]
     folder = resolve_checkpoint(args.model)
-    model_type = read_config(folder).get("model_type")
+    model_type, family = family_of(folder)
+    parity = family.parity
     # What cannot be compared fails here, before minutes of loading.
-    check_twin(model_type)
-    if model_type in TEXT_ONLY and args.image:
+    if parity.auto_class is None:
+        raise ParityError(parity.missing)
+    if parity.text_only and args.image:
         raise ParityError(f"{folder} holds a text-only {model_type} model; it takes no --image")
     images = [load_image(path) for path in args.image]
-    if model_type not in TEXT_ONLY and not images:
+    if not parity.text_only and not images:
         images = [synthetic_image()]
     processor = load_processor(folder)
     ours = load_model(folder, dtype=dtype, device=args.device)
-    theirs = load_transformers(folder, model_type, dtype, args.device)
+    theirs = load_transformers(folder, parity.auto_class, dtype, args.device)
     inputs = processor(text=_prompt(processor, args.prompt, len(images)), images=images or None)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     log(f"{folder}: {model_type}, {dtype}, {inputs['input_ids'].shape[1]} tokens, {len(images)} image(s)")
 
-    rows = compare(ours, theirs, FAMILIES[model_type].keys, inputs, tolerance)
+    rows = compare(ours, theirs, family.keys, inputs, tolerance, parity.stages)
     version = sys.modules["transformers"].__version__  # imported by load_transformers
-    print(f"minivlm vs transformers {version} on {folder.name} ({dtype}); "
-          f"max rel = max |ours - theirs| / max |theirs| per stage; tolerance {tolerance:g}")  # fmt: skip
+    print(
+        f"minivlm vs transformers {version} on {folder.name} ({dtype}); "
+        f"max rel = max |ours - theirs| / max |theirs| per stage; tolerance {tolerance:g}"
+    )
     print(format_table(rows, tolerance))
     first = first_divergence(rows, tolerance)
     if first is None:
         compared = sum(1 for row in rows if not row.note)
         print(f"all {compared} compared stages agree within {tolerance:g}")
         return 0
-    where = first.note or (f"max rel {first.rel:.2e} > {tolerance:g}; the first element beyond it is "
-                           f"{list(first.first)}, the largest difference at {list(first.at)}")  # fmt: skip
+    where = first.note or (
+        f"max rel {first.rel:.2e} > {tolerance:g}; the first element beyond it is "
+        f"{list(first.first)}, the largest difference at {list(first.at)}"
+    )
     if any(first.nans):
-        where += (f"; NaN values there: {first.nans[0]} in minivlm's output, {first.nans[1]} in transformers' "
-                  "(NaN weights? python -m minivlm doctor PATH lists them)")  # fmt: skip
+        where += (
+            f"; NaN values there: {first.nans[0]} in minivlm's output, {first.nans[1]} in transformers' "
+            "(NaN weights? python -m minivlm doctor PATH lists them)"
+        )
     print(f"first divergence: {first.stage.label} ({first.stage.ours} / {first.stage.theirs}): {where}")
     return 1

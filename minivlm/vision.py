@@ -17,8 +17,10 @@ from .config import VisionConfig
 
 
 class LayerNorm(nn.LayerNorm):
+    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.kernels)
 
 
 class Embeddings(nn.Module):
@@ -68,6 +70,8 @@ def navit_position_ids(patch_mask: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.hidden_size // config.num_heads
@@ -82,7 +86,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(n, seq, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(n, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        out = ops.attention(q, k, v, causal=False, kv_valid=kv_valid)
+        out = ops.attention(q, k, v, causal=False, kv_valid=kv_valid, kernels=self.kernels)
         return self.out_proj(out.transpose(1, 2).reshape(n, seq, hidden))
 
 
@@ -130,17 +134,26 @@ class VisionTower(nn.Module):
         self,
         pixel_values: torch.Tensor,
         patch_mask: torch.Tensor | None = None,
-        select: tuple[int, ...] | None = None,
+        layers: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """pixel_values (n, C, H, W) -> features (n, patches (+1 CLS), hidden * len(select)).
+        """pixel_values (n, C, H, W) -> features (n, patches (+1 CLS), hidden * len(layers)).
 
         patch_mask (n, H/p, W/p) marks real patches of padded images (NaViT towers only).
-        select None: the last layer's output through post_layernorm (Idefics3).
-        select (i, ...): transformers' `hidden_states[i]`, concatenated on the feature dim: index
-        0 is the embedding output, i the output of layer i, negative indices count from the end;
-        no post_layernorm (LLaVA's vision_feature_layer). Layers past the last one selected are
-        not run: their output would be thrown away.
+        layers None: the last layer's output through post_layernorm (Idefics3, llama3v).
+        layers (i, ...): the outputs of those layers, concatenated on the feature dim (LLaVA's
+        vision_feature_layer). They are hidden states, as transformers' `hidden_states[i]`, so
+        taken before the post-norm, which then does not run.
         """
+        if layers is None:
+            return self.post_layernorm(self.hidden_states(pixel_values, (len(self.encoder.layers),), patch_mask)[0])
+        return torch.cat(self.hidden_states(pixel_values, layers, patch_mask), dim=-1)
+
+    def hidden_states(
+        self, pixel_values: torch.Tensor, layers: tuple[int, ...], patch_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The outputs of `layers`, as transformers' `hidden_states[i]`: index 0 is the embedding
+        output, i the output of layer i, negative indices count from the end. Layers past the last
+        one asked for are not run: their output would be thrown away."""
         n = pixel_values.shape[0]
         if patch_mask is None and self.config.variable_size:
             h, w = pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size
@@ -151,12 +164,10 @@ class VisionTower(nn.Module):
         kv_valid = patch_mask.reshape(n, -1) if patch_mask is not None and not bool(patch_mask.all()) else None
 
         num_layers = len(self.encoder.layers)
-        wanted = [i % (num_layers + 1) for i in select] if select is not None else [num_layers]
-        states = {0: x} if 0 in wanted else {}  # only the selected layers' outputs are kept
+        wanted = [i % (num_layers + 1) for i in layers]
+        states = {0: x} if 0 in wanted else {}  # only the wanted layers' outputs are kept
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x, kv_valid)
             if i in wanted:
                 states[i] = x
-        if select is None:
-            return self.post_layernorm(x)
-        return torch.cat([states[i] for i in wanted], dim=-1)
+        return [states[i] for i in wanted]

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import ops
 from .config import VLMConfig
 from .connector import build_connector
 from .decoder import DecoderLM, KVCache, check_inputs
-from .processing.tiling import anyres_grid, unpadded_size
+from .processing.geometry import anyres_grid, unpadded_size
 from .vision import VisionTower
 
 
@@ -24,12 +25,15 @@ class VisionLanguageModel(nn.Module):
     """The parts every family shares, and the merge of image features into the token embeddings.
     A family's class defines `image_features`: its pixel inputs -> one feature sequence per image."""
 
-    def __init__(self, config: VLMConfig):
+    def __init__(self, config: VLMConfig, kernels: str | bool | None = None):
+        """kernels: "auto", "on" (True) or "off" (False); None reads MINIVLM_KERNELS (ops.kernels_choice)."""
         super().__init__()
         self.config = config
+        kernels = ops.kernels_choice(kernels)  # the choice, made once here for every part
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = build_connector(config.connector)
-        self.language_model = DecoderLM(config.text)
+        self.language_model = DecoderLM(config.text, kernels)
+        self.kernels = ops.set_kernels(self, kernels)
 
     def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
         """The processor's pixel inputs -> one (tokens, text hidden) tensor per image token run."""
@@ -79,9 +83,7 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """The names of transformers' processor outputs -> logits (batch, seq, vocab)."""
         check_inputs(input_ids, attention_mask, self.config.text.vocab_size)
-        embeds = self.embed(
-            input_ids, pixel_values, image_sizes=image_sizes, pixel_attention_mask=pixel_attention_mask
-        )
+        embeds = self.embed(input_ids, pixel_values, image_sizes=image_sizes, pixel_attention_mask=pixel_attention_mask)
         hidden = self.language_model.model(embeds, attention_mask, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -96,8 +98,10 @@ class Llava(VisionLanguageModel):
         vision = self.config.vision
         expect = (vision.num_channels, vision.image_size, vision.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expect:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (images, {', '.join(map(str, expect))})")
-        features = self.vision_tower(pixel_values, select=self.config.feature_layers)
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (images, {', '.join(map(str, expect))})"
+            )
+        features = self.vision_tower(pixel_values, layers=self.config.feature_layers)
         if self.config.drop_cls:
             features = features[:, 1:]  # (images, patches, hidden): the CLS position is not an image token
         return list(self.multi_modal_projector(features))
@@ -107,23 +111,28 @@ class LlavaNext(Llava):
     """LLaVA-NeXT anyres: each image is a base view plus a grid of tiles; the tiles' features are
     stitched back into one grid, the padding cut away, and a learned newline ends every row."""
 
-    def __init__(self, config: VLMConfig):
-        super().__init__(config)
+    def __init__(self, config: VLMConfig, kernels: str | bool | None = None):
+        super().__init__(config, kernels)
         self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
     def image_features(self, pixel_values: torch.Tensor, image_sizes=None, **_) -> list[torch.Tensor]:
-        """pixel_values (images, max tiles, C, H, W) or (all tiles, C, H, W); image_sizes (images, 2) as (height, width)."""
+        """pixel_values (images, max tiles, C, H, W) or (all tiles, C, H, W); image_sizes (images, 2),
+        each image's (height, width)."""
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (images, 2): each image's original (height, width)")
         tile = self.config.vision.image_size
         image_sizes = torch.as_tensor(image_sizes)
         if image_sizes.dim() != 2 or image_sizes.shape[1] != 2 or image_sizes.is_floating_point():
-            raise ValueError(f"image_sizes has shape {tuple(image_sizes.shape)} ({image_sizes.dtype}); expected "
-                             "(images, 2) whole numbers: each image's original (height, width)")  # fmt: skip
+            raise ValueError(
+                f"image_sizes has shape {tuple(image_sizes.shape)} ({image_sizes.dtype}); expected "
+                "(images, 2) whole numbers: each image's original (height, width)"
+            )
         sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
         for i, (h, w) in enumerate(sizes):
             if h < 1 or w < 1:
-                raise ValueError(f"image_sizes[{i}] is ({h}, {w}); expected an image's height and width, each at least 1 pixel")
+                raise ValueError(
+                    f"image_sizes[{i}] is ({h}, {w}); expected an image's height and width, each at least 1 pixel"
+                )
         grids = [anyres_grid(h, w, self.config.image_grid_pinpoints, tile) for h, w in sizes]
         tiles = [rows * cols + 1 for rows, cols in grids]  # + the base view
         if pixel_values.dim() == 5:  # padded per image: keep each image's real tiles
@@ -145,7 +154,9 @@ class LlavaNext(Llava):
             base, grid_tiles, flat = flat[0], torch.stack(flat[1:k]), flat[k:]
             d = base.shape[-1]
             # (rows*cols, side*side, d) -> (d, rows*side, cols*side): the tiles as one feature image
-            grid = grid_tiles.view(rows, cols, side, side, d).permute(4, 0, 2, 1, 3).reshape(d, rows * side, cols * side)
+            grid = (
+                grid_tiles.view(rows, cols, side, side, d).permute(4, 0, 2, 1, 3).reshape(d, rows * side, cols * side)
+            )
             keep_h, keep_w = unpadded_size(h, w, rows * side, cols * side)
             top, left = (rows * side - keep_h) // 2, (cols * side - keep_w) // 2
             grid = grid[:, top : top + keep_h, left : left + keep_w]  # (d, keep_h, keep_w)
@@ -173,8 +184,10 @@ class Idefics3(VisionLanguageModel):
         mask = None
         if pixel_attention_mask is not None:
             if tuple(pixel_attention_mask.shape) != (b, k, height, width):
-                raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected "
-                                 f"{(b, k, height, width)}, one mask per image of pixel_values")  # fmt: skip
+                raise ValueError(
+                    f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected "
+                    f"{(b, k, height, width)}, one mask per image of pixel_values"
+                )
             mask = pixel_attention_mask.reshape(b * k, height, width)
             # A real image whose mask has no pixel would give the tower no patch at all: NaN features.
             empty = real & ~mask.flatten(1).bool().any(dim=1)
@@ -209,9 +222,13 @@ class Llama3V(VisionLanguageModel):
         p = self.config.vision.patch_size
         if pixel_values.dim() != 4 or pixel_values.shape[2] % p or pixel_values.shape[3] % p:
             raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (slices, C, H, W) with H and W multiples of {p}"
+                f"pixel_values has shape {tuple(pixel_values.shape)}; "
+                f"expected (slices, C, H, W) with H and W multiples of {p}"
             )
-        if pixel_attention_mask is not None and pixel_attention_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+        if pixel_attention_mask is not None and pixel_attention_mask.shape != (
+            pixel_values.shape[0],
+            *pixel_values.shape[2:],
+        ):
             raise ValueError(
                 f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected "
                 f"{(pixel_values.shape[0], *pixel_values.shape[2:])}, one mask per slice"

@@ -26,9 +26,13 @@ _built: dict[str, Path] = {}
 
 
 # The hub names the real checkpoints have in weights/ (as `python -m minivlm download` names them).
-HUB_NAMES = {"llava-1.5": "llava-1.5-7b-hf", "llava-next": "llava-v1.6-mistral-7b-hf",
-             "llava-interleave": "llava-interleave-qwen-0.5b-hf", "idefics3": "Idefics3-8B-Llama3",
-             "llama3v": "llama3v"}  # fmt: skip
+HUB_NAMES = {
+    "llava-1.5": "llava-1.5-7b-hf",
+    "llava-next": "llava-v1.6-mistral-7b-hf",
+    "llava-interleave": "llava-interleave-qwen-0.5b-hf",
+    "idefics3": "Idefics3-8B-Llama3",
+    "llama3v": "llama3v",
+}
 
 
 def checkpoint(family: str) -> Path:

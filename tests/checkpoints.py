@@ -116,10 +116,24 @@ def read_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 # Tiny VLMs of each family. Vision head dims are the real ones (CLIP-L 64, SigLIP so400m 72);
 # image and patch sizes are shrunk so a test runs in a second. The NeXT pinpoints are the real
 # ones scaled from 336 to the 28-pixel tile.
-CLIP = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=160, num_hidden_layers=3,
-            num_attention_heads=2, image_size=28, patch_size=14)
-SIGLIP = dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160, num_hidden_layers=3,
-              num_attention_heads=2, image_size=42, patch_size=14)
+CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=128,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=144,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=42,
+    patch_size=14,
+)
 VLM_CONFIGS = {
     "llava": dict(cls="LlavaConfig", vision_config=CLIP, text="llama", image_token_index=200,
                   vision_feature_layer=-2, vision_feature_select_strategy="default"),

@@ -42,32 +42,56 @@ FAMILIES = {
 
 
 def text_config(tok, **extra) -> dict:
-    return dict(vocab_size=len(tok), hidden_size=128, intermediate_size=160, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, **extra)  # fmt: skip
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **extra,
+    )
 
 
 def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
     image = tok.convert_tokens_to_ids("<image>")
     if family == "llava-1.5":
-        return transformers.LlavaConfig(vision_config=CLIP_L, text_config=dict(model_type="llama", **text_config(tok)),
-                                        image_token_index=image, vision_feature_layer=-2,
-                                        vision_feature_select_strategy="default")  # fmt: skip
+        return transformers.LlavaConfig(
+            vision_config=CLIP_L,
+            text_config=dict(model_type="llama", **text_config(tok)),
+            image_token_index=image,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
     if family == "llava-next":
-        return transformers.LlavaNextConfig(vision_config=CLIP_L, text_config=dict(model_type="mistral", **text_config(tok)),
-                                            image_token_index=image, image_grid_pinpoints=NEXT_PINPOINTS,
-                                            vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+        return transformers.LlavaNextConfig(
+            vision_config=CLIP_L,
+            text_config=dict(model_type="mistral", **text_config(tok)),
+            image_token_index=image,
+            image_grid_pinpoints=NEXT_PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
     if family == "llava-interleave":
-        return transformers.LlavaConfig(vision_config=SIGLIP_384,
-                                        text_config=dict(model_type="qwen2", tie_word_embeddings=True, **text_config(tok)),
-                                        image_token_index=image, vision_feature_layer=-1,
-                                        vision_feature_select_strategy="full")  # fmt: skip
+        return transformers.LlavaConfig(
+            vision_config=SIGLIP_384,
+            text_config=dict(model_type="qwen2", tie_word_embeddings=True, **text_config(tok)),
+            image_token_index=image,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
     if family == "idefics3":  # Idefics3-8B's 364-pixel tiles of 26x26 patches, shuffled by 2: 169 tokens a tile
-        vision = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=364, patch_size=14)  # fmt: skip
+        vision = dict(
+            hidden_size=128,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=364,
+            patch_size=14,
+        )
         # 4096 positions: a 17-tile photo takes 2,873 image tokens
         text = dict(model_type="llama", **text_config(tok, max_position_embeddings=4096))
-        return transformers.Idefics3Config(vision_config=vision, text_config=text,
-                                           image_token_id=image, scale_factor=2)  # fmt: skip
+        return transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=image, scale_factor=2)
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
 
 
@@ -78,7 +102,9 @@ def real_tokenizer(family: str, source: Path, folder: Path) -> None:
         if (source / name).is_file():
             (folder / name).write_bytes((source / name).read_bytes())
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    specials = {"llava-1.5": ["<image>", "<pad>"], "idefics3": SPECIALS["smollm2"][3:]}.get(family, ["<image>", "<video>"])
+    specials = {"llava-1.5": ["<image>", "<pad>"], "idefics3": SPECIALS["smollm2"][3:]}.get(
+        family, ["<image>", "<video>"]
+    )
     tok.add_special_tokens({"additional_special_tokens": specials})
     tok.save_pretrained(folder)
 
@@ -90,8 +116,14 @@ def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = N
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = FAMILIES[family]
     if family == "llama3v":  # 448-pixel slices, MiniCPM-V's 70x70 position grid and 96 queries
-        vision = dict(hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=980, patch_size=14)  # fmt: skip
+        vision = dict(
+            hidden_size=144,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=980,
+            patch_size=14,
+        )
         llama3v_checkpoint(folder, image_size=448, vision=vision, queries=96)
         return folder
     if vocabulary is not None:

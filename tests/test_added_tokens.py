@@ -15,13 +15,43 @@ from tokenizers import AddedToken
 
 from minivlm.processing.tokenizer import load_tokenizer
 
-TOKENS = [("<LS>", dict(lstrip=True)), ("<RS>", dict(rstrip=True)), ("<LR>", dict(lstrip=True, rstrip=True)),
-          ("word", dict(single_word=True)), ("<SW>", dict(single_word=True, lstrip=True)),
-          ("ab c", dict(normalized=True)), ("ÅX", dict(normalized=True)), (" sp", dict(normalized=False)),
-          ("\n\n", dict(normalized=False)), ("<SPEC>", dict(special=True, lstrip=True, rstrip=True))]  # fmt: skip
-TEXTS = ["<RS> <LR>", "<RS>\n<LS>x", "\n\n <SPEC>", "x\n\n<LS>", "<SPEC>\u00a0 sp", "<RS>  sp", "<LR>\x1c",
-         "a\x1f<LS>", "<SW>½", "x <SW>\u0301", "<SW>²", "ab c\u0301", "A\u030aX", "ÅX", "<RS> <RS>", "<LS><LS>",
-         " <LS> <LS> ", "<SW>_", "_<SW>", "<SW>‿", "<SW>\u200d", "a word, words, sword", "x <SPEC> y  <LR>  z"]  # fmt: skip
+TOKENS = [
+    ("<LS>", dict(lstrip=True)),
+    ("<RS>", dict(rstrip=True)),
+    ("<LR>", dict(lstrip=True, rstrip=True)),
+    ("word", dict(single_word=True)),
+    ("<SW>", dict(single_word=True, lstrip=True)),
+    ("ab c", dict(normalized=True)),
+    ("ÅX", dict(normalized=True)),
+    (" sp", dict(normalized=False)),
+    ("\n\n", dict(normalized=False)),
+    ("<SPEC>", dict(special=True, lstrip=True, rstrip=True)),
+]
+TEXTS = [
+    "<RS> <LR>",
+    "<RS>\n<LS>x",
+    "\n\n <SPEC>",
+    "x\n\n<LS>",
+    "<SPEC>\u00a0 sp",
+    "<RS>  sp",
+    "<LR>\x1c",
+    "a\x1f<LS>",
+    "<SW>½",
+    "x <SW>\u0301",
+    "<SW>²",
+    "ab c\u0301",
+    "A\u030aX",
+    "ÅX",
+    "<RS> <RS>",
+    "<LS><LS>",
+    " <LS> <LS> ",
+    "<SW>_",
+    "_<SW>",
+    "<SW>‿",
+    "<SW>\u200d",
+    "a word, words, sword",
+    "x <SPEC> y  <LR>  z",
+]
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "mistral", "llama2"])
@@ -38,15 +68,20 @@ def pair(request, tmp_path_factory):
 
 def test_added_tokens_match_as_transformers_matches_them(pair):
     hf, ours = pair
-    wrong = [(t, ours.encode(t, False), hf.encode(t, add_special_tokens=False)) for t in TEXTS
-             if ours.encode(t, False) != hf.encode(t, add_special_tokens=False)]  # fmt: skip
+    wrong = [
+        (t, ours.encode(t, False), hf.encode(t, add_special_tokens=False))
+        for t in TEXTS
+        if ours.encode(t, False) != hf.encode(t, add_special_tokens=False)
+    ]
     assert not wrong, wrong[:5]
     for text in TEXTS:
         ids = hf.encode(text)
         assert ours.decode(ids) == hf.decode(ids), text
 
 
-@pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_eos_token": True}, {"add_bos_token": True, "add_eos_token": True}])
+@pytest.mark.parametrize(
+    "flags", [{"add_bos_token": False}, {"add_eos_token": True}, {"add_bos_token": True, "add_eos_token": True}]
+)
 def test_sentencepiece_json_post_processor_overrules_the_flags(tmp_path, flags):
     source = real_folder("llama2")
     (tmp_path / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())

@@ -75,10 +75,16 @@ def edit_header(file, edit):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"num_hidden_layers": 1e8}, r"num_hidden_layers is 100000000, implausibly large \(expected at most 1,024\); .*MINIVLM_TRUST_CONFIG=1"),
+        (
+            {"num_hidden_layers": 1e8},
+            r"num_hidden_layers is 100000000, implausibly large \(expected at most 1,024\); .*MINIVLM_TRUST_CONFIG=1",
+        ),
         ({"hidden_size": 10**6}, r"hidden_size is 1000000, implausibly large \(expected at most 65,536\)"),
         ({"vocab_size": 10**9}, r"vocab_size is 1000000000, implausibly large \(expected at most 4,194,304\)"),
-        ({"intermediate_size": 10**7}, r"intermediate_size is 10000000, implausibly large \(expected at most 262,144\)"),
+        (
+            {"intermediate_size": 10**7},
+            r"intermediate_size is 10000000, implausibly large \(expected at most 262,144\)",
+        ),
         ({"num_attention_heads": 4096}, r"num_attention_heads is 4096, implausibly large \(expected at most 1,024\)"),
         ({"max_position_embeddings": 10**12}, r"max_position_embeddings is 1000000000000, implausibly large"),
         ({"hidden_size": "big"}, r"hidden_size is 'big'; expected an integer"),
@@ -87,7 +93,10 @@ def edit_header(file, edit):
         ({"num_key_value_heads": 0}, r"num_key_value_heads is 0; expected an integer of at least 1"),
         ({"intermediate_size": -5}, r"intermediate_size is -5; expected an integer of at least 1"),
         ({"hidden_size": 145}, r"hidden_size 145 is not divisible by num_attention_heads 2"),
-        ({"num_key_value_heads": 3, "num_attention_heads": 2}, r"num_attention_heads 2 is not a multiple of num_key_value_heads 3"),
+        (
+            {"num_key_value_heads": 3, "num_attention_heads": 2},
+            r"num_attention_heads 2 is not a multiple of num_key_value_heads 3",
+        ),
         ({"vocab_size": 211.5}, r"vocab_size is 211.5; expected an integer"),
         ({"num_hidden_layers": True}, r"num_hidden_layers is True; expected an integer"),
         ({"num_hidden_layers": float("inf")}, r"num_hidden_layers is inf; expected an integer"),
@@ -110,12 +119,18 @@ def test_text_config_out_of_bounds_or_of_the_wrong_type(text, change, message):
     [
         ({"text_config": [1]}, r"text_config is \[1\]; expected a JSON object"),
         ({"vision_config": "siglip"}, r"vision_config is 'siglip'; expected a JSON object"),
-        ({"vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 10**6}},
-         r"vision_config: num_hidden_layers is 1000000, implausibly large"),
-        ({"vision_config": {"model_type": "siglip_vision_model", "num_attention_heads": 0}},
-         r"vision_config: num_attention_heads is 0; expected an integer of at least 1"),
-        ({"vision_config": {"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 1000}},
-         r"patch_size 1000 is larger than image_size 384"),
+        (
+            {"vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 10**6}},
+            r"vision_config: num_hidden_layers is 1000000, implausibly large",
+        ),
+        (
+            {"vision_config": {"model_type": "siglip_vision_model", "num_attention_heads": 0}},
+            r"vision_config: num_attention_heads is 0; expected an integer of at least 1",
+        ),
+        (
+            {"vision_config": {"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 1000}},
+            r"patch_size 1000 is larger than image_size 384",
+        ),
         ({"vision_feature_layer": "last"}, r"vision_feature_layer 'last' is out of range"),
         ({"image_token_index": -1}, r"image_token_index is -1; expected an integer of at least 0"),
     ],
@@ -131,7 +146,10 @@ def test_trusting_the_config_lifts_the_bounds_and_the_parameter_count_still_refu
     # 2,000 layers pass the config with MINIVLM_TRUST_CONFIG=1; the tensors (2 layers) do not match.
     edit_json(text / "config.json", {"num_hidden_layers": 2000})
     monkeypatch.setenv("MINIVLM_TRUST_CONFIG", "1")
-    with pytest.raises(CheckpointError, match=r"tensors are missing .*config.json describes [\d,]+ parameters, the checkpoint's tensors hold 394,624"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensors are missing .*config.json describes [\d,]+ parameters, the checkpoint's tensors hold 394,624",
+    ):
         minivlm.load_model(text)
 
 
@@ -171,8 +189,18 @@ def make_special(path, kind):
     [
         ("model.safetensors", "fifo", CheckpointError, r"model.safetensors: not a regular file \(a FIFO\)"),
         ("model.safetensors", "folder", CheckpointError, r"model.safetensors: not a regular file \(a folder\)"),
-        ("model.safetensors", "socket", CheckpointError, r"model.safetensors: (not a regular file \(a socket\)|cannot read)"),
-        ("model.safetensors", "device", CheckpointError, r"model.safetensors lies outside the checkpoint folder .* resolves to /dev/zero"),
+        (
+            "model.safetensors",
+            "socket",
+            CheckpointError,
+            r"model.safetensors: (not a regular file \(a socket\)|cannot read)",
+        ),
+        (
+            "model.safetensors",
+            "device",
+            CheckpointError,
+            r"model.safetensors lies outside the checkpoint folder .* resolves to /dev/zero",
+        ),
         ("config.json", "fifo", ConfigError, r"config.json: not a regular file \(a FIFO\)"),
         ("config.json", "folder", ConfigError, r"config.json: not a regular file \(a folder\)"),
         ("config.json", "device", ConfigError, r"config.json: not a regular file \(a device\)"),
@@ -194,7 +222,9 @@ def test_a_fifo_shard_and_a_fifo_index(text):
         minivlm.load_model(text)
 
 
-@pytest.mark.parametrize("name,kind", [("tokenizer.json", "fifo"), ("tokenizer.json", "device"), ("tokenizer_config.json", "fifo")])
+@pytest.mark.parametrize(
+    "name,kind", [("tokenizer.json", "fifo"), ("tokenizer.json", "device"), ("tokenizer_config.json", "fifo")]
+)
 def test_special_tokenizer_files_are_refused(text, name, kind):
     make_special(text / name, kind)
     with pytest.raises(ProcessorError, match=rf"{name}: not a regular file \(a {'FIFO' if kind == 'fifo' else kind}\)"):
@@ -227,18 +257,44 @@ def test_partially_overlapping_offsets_are_refused(text):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda h: h[NORM].update(data_offsets=[10**9, 10**9 + 512]), r"truncated: tensor 'model.norm.weight' ends at byte \d+, file has"),
-        (lambda h: h[NORM].update(data_offsets=[512, 0]), r"tensor 'model.norm.weight' of shape \[128\] F32 needs 512 bytes, header gives offsets 512..0"),
-        (lambda h: h[NORM].update(shape=[12, 13]), r"tensor 'model.norm.weight' of shape \[12, 13\] F32 needs 624 bytes"),
+        (
+            lambda h: h[NORM].update(data_offsets=[10**9, 10**9 + 512]),
+            r"truncated: tensor 'model.norm.weight' ends at byte \d+, file has",
+        ),
+        (
+            lambda h: h[NORM].update(data_offsets=[512, 0]),
+            r"tensor 'model.norm.weight' of shape \[128\] F32 needs 512 bytes, header gives offsets 512..0",
+        ),
+        (
+            lambda h: h[NORM].update(shape=[12, 13]),
+            r"tensor 'model.norm.weight' of shape \[12, 13\] F32 needs 624 bytes",
+        ),
         (lambda h: h[NORM].update(dtype="F16"), r"tensor 'model.norm.weight' of shape \[128\] F16 needs 256 bytes"),
-        (lambda h: h[NORM].update(dtype="F33"), r"corrupt header entry for tensor 'model.norm.weight'.*expected a dtype of"),
+        (
+            lambda h: h[NORM].update(dtype="F33"),
+            r"corrupt header entry for tensor 'model.norm.weight'.*expected a dtype of",
+        ),
         (lambda h: h[NORM].update(shape=[-1, -128]), r"corrupt header entry for tensor 'model.norm.weight'"),
         (lambda h: h[NORM].update(shape=[128.5]), r"corrupt header entry for tensor 'model.norm.weight'"),
-        (lambda h: h[NORM].update(data_offsets=[0, float("inf")]), r"corrupt header entry for tensor 'model.norm.weight'"),
+        (
+            lambda h: h[NORM].update(data_offsets=[0, float("inf")]),
+            r"corrupt header entry for tensor 'model.norm.weight'",
+        ),
         (lambda h: h[NORM].update(data_offsets=[0]), r"corrupt header entry for tensor 'model.norm.weight'"),
         (lambda h: h.update({NORM: "F32"}), r"corrupt header entry for tensor 'model.norm.weight'"),
     ],
-    ids=["outside", "reversed", "shape", "dtype-size", "dtype-unknown", "negative", "fractional", "infinite", "one-offset", "not-an-object"],
+    ids=[
+        "outside",
+        "reversed",
+        "shape",
+        "dtype-size",
+        "dtype-unknown",
+        "negative",
+        "fractional",
+        "infinite",
+        "one-offset",
+        "not-an-object",
+    ],
 )
 def test_header_entries_that_disagree(text, edit, message):
     edit_header(text / "model.safetensors", edit)
@@ -249,14 +305,19 @@ def test_header_entries_that_disagree(text, edit, message):
 def test_float_weights_stored_as_integers_are_refused(text):
     # The same bytes: an F32 tensor whose header says I32 would load as integers.
     edit_header(text / "model.safetensors", lambda h: h[NORM].update(dtype="I32"))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' is stored as I32; expected a floating-point dtype"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model.norm.weight' is stored as I32; expected a floating-point dtype"
+    ):
         minivlm.load_model(text)
 
 
 @pytest.mark.parametrize(
     "content,message",
     [
-        (struct.pack("<Q", 2**40) + b"{}", r"corrupt or truncated safetensors file \(header claims 1099511627776 bytes"),
+        (
+            struct.pack("<Q", 2**40) + b"{}",
+            r"corrupt or truncated safetensors file \(header claims 1099511627776 bytes",
+        ),
         (struct.pack("<Q", 6) + b"not js", "corrupt safetensors header"),
         (struct.pack("<Q", 4) + b"\xff\xfe{}", "corrupt safetensors header"),
         (struct.pack("<Q", 100000) + b"[" * 100000, r"corrupt safetensors header \(JSON nested too deeply\)"),

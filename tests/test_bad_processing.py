@@ -19,8 +19,8 @@ from test_processor import FAMILIES, build, build_llava15
 import minivlm
 from minivlm import ProcessorError
 from minivlm.processing.chat import ChatTemplateError, find_chat_template, render
+from minivlm.processing.geometry import anyres_token_count, unpadded_size
 from minivlm.processing.image import ImageError, load_image
-from minivlm.processing.tiling import anyres_token_count, unpadded_size
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,12 @@ def folders(tmp_path_factory):
     folder = out["llama3v"] = tmp_path_factory.mktemp("llama3v")
     build("llama3v", folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA3V_TEMPLATE, "pad_token": "!"}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama3v", "image_size": 448, "patch_size": 14, "query_num": 96}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": LLAMA3V_TEMPLATE, "pad_token": "!"})
+    )
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama3v", "image_size": 448, "patch_size": 14, "query_num": 96})
+    )
     return out
 
 
@@ -67,7 +71,10 @@ def test_a_200_byte_line_of_30000_pixels(procs, family):
     assert len(data) < 400
     start = time.monotonic()
     if family == "llava15":
-        with pytest.raises(ImageError, match=r"image 0 \(30000x1, llava\): resizing 30000x1 to 10080000x336 .* over the limit .*MINIVLM_MAX_IMAGE_PIXELS"):
+        with pytest.raises(
+            ImageError,
+            match=r"image 0 \(30000x1, llava\): resizing 30000x1 to 10080000x336 .* over the limit .*MINIVLM_MAX_IMAGE_PIXELS",
+        ):
             procs[family](text="<image>", images=[data])
     else:
         out = procs[family](text="<image>", images=[data])
@@ -87,7 +94,10 @@ def test_the_pixel_limit_can_be_raised_and_lowered(procs, monkeypatch):
     monkeypatch.delenv("MINIVLM_MAX_IMAGE_PIXELS")
     procs["next"].max_image_pixels = 2000  # the 40x30 photo decodes; its anyres resize does not fit
     try:
-        with pytest.raises(ImageError, match=r"image 0 \(40x30, llava_next\): resizing 40x30 to 448x336 makes 150,528 pixels, over the limit of 8,000"):
+        with pytest.raises(
+            ImageError,
+            match=r"image 0 \(40x30, llava_next\): resizing 40x30 to 448x336 makes 150,528 pixels, over the limit of 8,000",
+        ):
             procs["next"](text="<image>", images=[photo()])
     finally:
         procs["next"].max_image_pixels = None
@@ -96,7 +106,9 @@ def test_the_pixel_limit_can_be_raised_and_lowered(procs, monkeypatch):
 def test_decompression_bomb_under_pillows_hard_limit(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 10000)).save(bomb)  # 200 M pixels in a few KB: over Pillow's 2x limit too
-    with pytest.raises(ImageError, match=r"bomb.png: refusing to decode an image this large \(Image size \(200000000 pixels\)"):
+    with pytest.raises(
+        ImageError, match=r"bomb.png: refusing to decode an image this large \(Image size \(200000000 pixels\)"
+    ):
         load_image(bomb)
 
 
@@ -110,7 +122,10 @@ def test_an_empty_image(procs, size):
 def test_a_single_pixel_equals_transformers(folders, procs, family):
     hf = transformers.AutoProcessor.from_pretrained(folders[family])
     pixel = Image.new("RGB", (1, 1), (10, 200, 30))
-    mine, theirs = procs[family](text="<image>", images=[pixel]), hf(text="<image>", images=[pixel], return_tensors="pt")
+    mine, theirs = (
+        procs[family](text="<image>", images=[pixel]),
+        hf(text="<image>", images=[pixel], return_tensors="pt"),
+    )
     for key in mine:
         assert torch.equal(mine[key], theirs[key].to(mine[key].dtype)), key
 
@@ -261,14 +276,18 @@ def test_llama3v_content_that_is_not_dicts(procs):
 
 def test_a_shipped_template_that_is_not_a_string(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": {"oops": 1}}))
-    with pytest.raises(ChatTemplateError, match=r"tokenizer_config.json: chat_template is a dict; expected a jinja string"):
+    with pytest.raises(
+        ChatTemplateError, match=r"tokenizer_config.json: chat_template is a dict; expected a jinja string"
+    ):
         find_chat_template(tmp_path)
 
 
 def test_a_long_prompt_is_refused_before_tokenizing(procs, monkeypatch):
     monkeypatch.setenv("MINIVLM_MAX_PROMPT_CHARS", "1000")
     start = time.monotonic()
-    with pytest.raises(ProcessorError, match=r"prompt 1 is 2,000 characters, over the limit of 1,000 \(MINIVLM_MAX_PROMPT_CHARS"):
+    with pytest.raises(
+        ProcessorError, match=r"prompt 1 is 2,000 characters, over the limit of 1,000 \(MINIVLM_MAX_PROMPT_CHARS"
+    ):
         procs["interleave"](text=["short", "y" * 2000])
     assert time.monotonic() - start < 1
 
@@ -303,7 +322,10 @@ def test_bad_processor_arguments(procs, name):
 
 @pytest.mark.parametrize("family", ["next", "idefics3", "llama3v"])
 def test_videos_to_a_family_without_video_support(procs, family):
-    with pytest.raises(ProcessorError, match=rf"videos are read by LLaVA-Interleave \(llava\) checkpoints; this one is {family.replace('next', 'llava_next')}, which has no video support"):
+    with pytest.raises(
+        ProcessorError,
+        match=rf"videos are read by LLaVA-Interleave \(llava\) checkpoints; this one is {family.replace('next', 'llava_next')}, which has no video support",
+    ):
         procs[family](text="<video> <image>", videos=[[photo(), photo()]])
 
 

@@ -51,7 +51,9 @@ def test_bench_kernels_says_it_needs_cuda_without_one():
 
     if torch.cuda.is_available():
         pytest.skip("with a GPU the kernel benchmark runs for real: that is for BENCHMARKS.md, not a test")
-    out = subprocess.run([sys.executable, "-m", "minivlm", "bench", "kernels"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "minivlm", "bench", "kernels"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1 and "needs a CUDA device" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -61,13 +63,21 @@ def test_bench_without_transformers_says_which_extra_to_install(monkeypatch):
     from minivlm.__main__ import main
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
-    for target in (["loader"], ["vlm"], ["generate"], ["tokenizer"], ["tokenizer", "--kind", "sentencepiece"],
-                   ["tokenizer", "--tokenizer", "anywhere"]):  # fmt: skip
+    for target in (
+        ["loader"],
+        ["vlm"],
+        ["generate"],
+        ["tokenizer"],
+        ["tokenizer", "--kind", "sentencepiece"],
+        ["tokenizer", "--tokenizer", "anywhere"],
+    ):
         with pytest.raises(SystemExit) as exit:
             main(["bench", *target])
         assert 'pip install "minivlm[test]"' in str(exit.value.code), target
     # From the command line: that one line on stderr, status 1, no traceback.
-    code = "import sys; sys.modules['transformers'] = None; from minivlm.__main__ import main; main(['bench', 'loader'])"
+    code = (
+        "import sys; sys.modules['transformers'] = None; from minivlm.__main__ import main; main(['bench', 'loader'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines() == [

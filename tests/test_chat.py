@@ -69,7 +69,7 @@ CONVERSATIONS = {
 }  # fmt: skip
 STRING_CONVERSATION = [
     {"role": "system", "content": "  Be brief.  "},
-    {"role": "user", "content": "Hi \"there\" — ünïcode"},
+    {"role": "user", "content": 'Hi "there" — ünïcode'},
     {"role": "tool", "content": "ignored"},
     {"role": "assistant", "content": "Hello."},
 ]
@@ -83,8 +83,9 @@ def hf_tokenizer(tmp_path_factory):
 
 
 def both(hf, template, conversation, add_generation_prompt):
-    theirs = hf.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                    add_generation_prompt=add_generation_prompt)  # fmt: skip
+    theirs = hf.apply_chat_template(
+        conversation, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     ours = render(template, conversation, add_generation_prompt, **hf.special_tokens_map)
     return ours, theirs
 
@@ -119,7 +120,9 @@ def test_namespace_tojson_trim_and_loop_controls(hf_tokenizer, add_generation_pr
     for messages in (STRING_CONVERSATION, CONVERSATIONS["turns"], CONVERSATIONS["images_as_objects"]):
         ours, theirs = both(hf_tokenizer, TEMPLATES["llama3_tools"], messages, add_generation_prompt)
         assert ours == theirs
-    ours, theirs = both(hf_tokenizer, MULTILINE, STRING_CONVERSATION[1:2] + STRING_CONVERSATION[3:], add_generation_prompt)
+    ours, theirs = both(
+        hf_tokenizer, MULTILINE, STRING_CONVERSATION[1:2] + STRING_CONVERSATION[3:], add_generation_prompt
+    )
     assert ours == theirs
 
 
@@ -130,7 +133,9 @@ def test_template_errors_are_clear():
     with pytest.raises(ChatTemplateError, match=r"does not parse"):
         render("{% for m in messages %}", [])
     with pytest.raises(ChatTemplateError, match=r"sandbox forbids"):
-        render("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [{"role": "user", "content": "x"}])
+        render(
+            "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [{"role": "user", "content": "x"}]
+        )
     with pytest.raises(ChatTemplateError, match=r"sandbox forbids"):
         render("{% set ns = namespace() %}{% set ns._x = 1 %}", [{"role": "user", "content": "x"}])
 
@@ -139,7 +144,9 @@ def test_template_is_found_where_checkpoints_keep_it(tmp_path):
     import json
 
     assert find_chat_template(tmp_path) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": "T"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": [{"name": "default", "template": "T"}]})
+    )
     assert find_chat_template(tmp_path) == "T"
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J"}))
     assert find_chat_template(tmp_path) == "J"

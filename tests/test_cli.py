@@ -57,8 +57,17 @@ def test_generate_video_frames_are_images(checkpoint, capsys, tmp_path):
     folder, hf_model, images = checkpoint
     for i, path in enumerate(images):
         (tmp_path / f"{i:04d}.png").write_bytes(path.read_bytes())
-    argv = ["generate", "--model", str(folder), "--prompt", "What happens?", "--max-new-tokens", str(NEW),
-            "--video-frames", str(tmp_path)]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "What happens?",
+        "--max-new-tokens",
+        str(NEW),
+        "--video-frames",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out == transformers_answer(folder, hf_model, images, "What happens?") + "\n"
 
@@ -97,9 +106,11 @@ def test_prompt_longer_than_the_context(checkpoint, capsys):
     assert code == 1 and f"the model's context is {context}" in err and "Traceback" not in err
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}{% if p['type'] == 'image' %}"
-          "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+    "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_chat_keeps_the_cache_and_answers_as_a_fresh_prefill(checkpoint):
@@ -151,8 +162,21 @@ def test_download_unreachable_hub_is_one_line(capsys, tmp_path, monkeypatch):
 
 def test_sampling_through_the_cli_is_reproducible(checkpoint, capsys):
     folder, _, images = checkpoint
-    argv = ["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "8", "--temperature", "1.3",
-            "--top-p", "0.9", "--seed", "5"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.3",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+    ]
     outs = []
     for _ in range(2):
         assert main(argv) == 0

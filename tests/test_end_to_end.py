@@ -25,18 +25,38 @@ def interleave_checkpoint(folder) -> transformers.LlavaForConditionalGeneration:
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     tok.pad_token = "<|endoftext|>"
     processor = transformers.LlavaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": 42, "width": 42}), tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=TEMPLATE,
-    )  # fmt: skip
+        image_processor=SiglipImageProcessorPil(size={"height": 42, "width": 42}),
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=TEMPLATE,
+    )
     processor.save_pretrained(folder)
     config = transformers.LlavaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=144, intermediate_size=160,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=128, intermediate_size=160,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=144,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=42,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     hf_model = randomize_(transformers.LlavaForConditionalGeneration(config)).eval()
     save_checkpoint(hf_model, folder, layout="hub")
@@ -48,18 +68,22 @@ def interleave_checkpoint(folder) -> transformers.LlavaForConditionalGeneration:
 def test_interleave_checkpoint_from_files_to_logits(tmp_path):
     hf_model = interleave_checkpoint(tmp_path)
     config = hf_model.config
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"},
-                                              {"type": "image"}]}]  # fmt: skip
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (50 + 9 * i, 70, 3), dtype=np.uint8))
-              for i in range(2)]  # fmt: skip
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}, {"type": "image"}]}
+    ]
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (50 + 9 * i, 70, 3), dtype=np.uint8))
+        for i in range(2)
+    ]
 
     ours_processor = minivlm.load_processor(tmp_path)
     model = minivlm.load_model(tmp_path)
     prompt = ours_processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = ours_processor(text=prompt, images=images)
     hf_processor = transformers.AutoProcessor.from_pretrained(tmp_path)
-    hf_inputs = hf_processor(text=hf_processor.apply_chat_template(messages, add_generation_prompt=True),
-                             images=images, return_tensors="pt")  # fmt: skip
+    hf_inputs = hf_processor(
+        text=hf_processor.apply_chat_template(messages, add_generation_prompt=True), images=images, return_tensors="pt"
+    )
     with torch.no_grad():
         ours = model(**inputs)
         theirs = hf_model(**hf_inputs).logits

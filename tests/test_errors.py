@@ -62,7 +62,9 @@ def test_truncated_safetensors(single):
     file = single / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor '.+' ends at byte \d+, file has \d+"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: truncated: tensor '.+' ends at byte \d+, file has \d+"
+    ):
         minivlm.load_model(single)
 
 
@@ -114,7 +116,9 @@ def test_wrongly_shaped_tensor_names_both_shapes(single):
     tensors = read_folder_tensors(single)
     tensors["model.norm.weight"] = torch.zeros(130)
     save_sharded(single, tensors, 1)
-    with pytest.raises(CheckpointError, match=re.escape("'model.norm.weight' has shape [130], the config asks for [128]")):
+    with pytest.raises(
+        CheckpointError, match=re.escape("'model.norm.weight' has shape [130], the config asks for [128]")
+    ):
         minivlm.load_model(single)
 
 
@@ -132,7 +136,10 @@ def test_two_keys_loading_into_one_parameter(single):
     save_sharded(single, tensors, 1)
     table = KeyTable(renames=((r"old\.", "model."),))
     config = TextConfig.from_hf(json.loads((single / "config.json").read_text()))
-    with pytest.raises(CheckpointError, match=r"tensors '(old|model).norm.weight' and '(old|model).norm.weight' both load into 'model.norm.weight'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensors '(old|model).norm.weight' and '(old|model).norm.weight' both load into 'model.norm.weight'",
+    ):
         load_weights(lambda: DecoderLM(config), single, table, torch.float32, torch.device("cpu"))
 
 
@@ -145,7 +152,10 @@ def test_no_weights_at_all(single):
 
 def test_unknown_model_type(single):
     edit_json(single / "config.json", lambda d: d.update(model_type="gpt2"))
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2'; minivlm loads \['idefics3', 'llama', 'llama3v', 'llava', 'llava_next', 'mistral', 'qwen2'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model_type 'gpt2'; minivlm loads \['idefics3', 'llama', 'llama3v', 'llava', 'llava_next', 'mistral', 'qwen2'\]",
+    ):
         minivlm.load_model(single)
 
 
@@ -189,7 +199,10 @@ def test_path_that_is_not_a_checkpoint(tmp_path):
 def test_hub_id_that_cannot_be_fetched(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIVLM_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: no such local folder, not in .*, and the hub could not be reached"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no-such-org/no-such-model: no such local folder, not in .*, and the hub could not be reached",
+    ):
         minivlm.load_model("no-such-org/no-such-model")
 
 

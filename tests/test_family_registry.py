@@ -16,8 +16,9 @@ from PIL import Image
 import minivlm
 import minivlm.load
 import minivlm.processing.tiling
-from minivlm.config import llava_config
+from minivlm.family_config import llava_config
 from minivlm.load import Family
+from minivlm.parity import ParityMap
 from minivlm.processing.image import preprocess_single
 from minivlm.processing.processor import LlavaProcessor
 from minivlm.processing.tiling import OneView
@@ -28,7 +29,9 @@ from minivlm.weights import LLAVA_KEYS
 class GridPlusOverview(OneView):
     def views(self, image):
         w, h = image.size
-        quarters = [image.crop((c * w // 2, r * h // 2, (c + 1) * w // 2, (r + 1) * h // 2)) for r in range(2) for c in range(2)]
+        quarters = [
+            image.crop((c * w // 2, r * h // 2, (c + 1) * w // 2, (r + 1) * h // 2)) for r in range(2) for c in range(2)
+        ]
         return [preprocess_single(view, self.config) for view in [image, *quarters]]
 
 
@@ -50,7 +53,13 @@ def registered(monkeypatch):
     monkeypatch.setattr(minivlm.load, "FAMILIES", dict(minivlm.load.FAMILIES))
     monkeypatch.setattr(minivlm.processing.tiling, "TILINGS", dict(minivlm.processing.tiling.TILINGS))
     minivlm.processing.tiling.TILINGS["grid_2x2"] = GridPlusOverview
-    minivlm.load.FAMILIES["llava_grid"] = Family(llava_grid_config, LlavaGrid, LLAVA_KEYS, LlavaGridProcessor)
+    minivlm.load.FAMILIES["llava_grid"] = Family(
+        llava_grid_config,
+        LlavaGrid,
+        LLAVA_KEYS,
+        LlavaGridProcessor,
+        ParityMap(None, missing="transformers has no llava_grid"),
+    )
 
 
 def test_a_family_variant_is_classes_and_rows(tmp_path, registered):

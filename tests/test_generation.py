@@ -30,8 +30,15 @@ NEW = 10
 
 
 def hf_generate(hf, ids, mask, eos, pad, **inputs) -> torch.Tensor:
-    out = hf.generate(input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=NEW, do_sample=False,
-                      eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        **inputs,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     return out[:, ids.shape[1] :]
 
 
@@ -157,8 +164,10 @@ def test_temperature_and_sampling_follow_the_softmax():
 def test_greedy_ignores_the_generator_and_sampling_is_reproducible(vlm):
     name, hf, _, model = vlm
     ids, mask, inputs, _ = batch(name, hf, [1])
-    runs = [minivlm.generate(model, ids, mask, max_new_tokens=NEW, temperature=1.5, top_p=0.9, seed=s, **inputs)
-            for s in (7, 7, 8)]  # fmt: skip
+    runs = [
+        minivlm.generate(model, ids, mask, max_new_tokens=NEW, temperature=1.5, top_p=0.9, seed=s, **inputs)
+        for s in (7, 7, 8)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])  # a different seed samples differently (random weights: near-flat logits)
 
@@ -244,8 +253,9 @@ def test_stop_string_across_tokens_keeps_the_completing_token(tokenizer):
     model, ids = scripted(tokenizer)
     stop = "t. ##"  # spans the tokens of "sat", ".", " ###"
     assert not any(stop in tokenizer.decode([i]) for i in ids)
-    out = minivlm.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=50, stop=[stop],
-                           tokenizer=tokenizer)[0].tolist()  # fmt: skip
+    out = minivlm.generate(
+        model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=50, stop=[stop], tokenizer=tokenizer
+    )[0].tolist()
     assert out == ids[: len(out)]
     assert stop in tokenizer.decode(out) and stop not in tokenizer.decode(out[:-1])
 
@@ -262,8 +272,11 @@ def test_stop_id_and_eos(tokenizer):
 @pytest.mark.parametrize("stop", [None, "###", "t. ##", "question: why?"])
 def test_stream_shows_the_text_up_to_the_stop(tokenizer, stop):
     model, ids = scripted(tokenizer)
-    pieces = list(minivlm.stream(model, tokenizer, torch.ones(1, 3, dtype=torch.long), max_new_tokens=50,
-                                 stop=[stop] if stop else None))  # fmt: skip
+    pieces = list(
+        minivlm.stream(
+            model, tokenizer, torch.ones(1, 3, dtype=torch.long), max_new_tokens=50, stop=[stop] if stop else None
+        )
+    )
     expect = ANSWER if stop is None else ANSWER[: ANSWER.index(stop)]
     assert "".join(pieces) == expect
     assert all("\ufffd" not in p for p in pieces)  # the emoji's bytes span tokens; never half of it

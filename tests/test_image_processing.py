@@ -16,8 +16,8 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from minivlm.processing.geometry import anyres_tiles, idefics3_tiles
 from minivlm.processing.image import ImageConfig, ImageError, load_image, preprocess_single
-from minivlm.processing.tiling import anyres_tiles, idefics3_tiles
 
 CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 PROCESSORS = {
@@ -30,8 +30,21 @@ PROCESSORS = {
     "idefics3_nosplit": lambda: Idefics3ImageProcessorPil(do_image_splitting=False),
 }
 # (height, width): a pixel, a line each way, odd sides, exactly a tile, just over, every aspect class.
-SIZES = [(1, 1), (1, 3000), (3000, 1), (7, 13), (335, 337), (336, 336), (337, 336), (384, 384), (375, 500),
-         (200, 1000), (1000, 333), (672, 672), (365, 729)]  # fmt: skip
+SIZES = [
+    (1, 1),
+    (1, 3000),
+    (3000, 1),
+    (7, 13),
+    (335, 337),
+    (336, 336),
+    (337, 336),
+    (384, 384),
+    (375, 500),
+    (200, 1000),
+    (1000, 333),
+    (672, 672),
+    (365, 729),
+]
 
 
 def random_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -121,7 +134,10 @@ def test_bad_images_get_clear_errors(tmp_path):
         load_image(Image.new("RGB", (0, 5)))
     bomb = tmp_path / "bomb.png"
     Image.new("1", (10000, 10000)).save(bomb)  # 100 M pixels, a few KB on disk
-    with pytest.raises(ImageError, match=r"bomb.png: refusing to decode an image this large \(Image size \(100000000 pixels\) exceeds limit"):
+    with pytest.raises(
+        ImageError,
+        match=r"bomb.png: refusing to decode an image this large \(Image size \(100000000 pixels\) exceeds limit",
+    ):
         load_image(bomb)
     with pytest.raises(ImageError, match=r"not an image \(expected a path"):
         load_image(3.5)

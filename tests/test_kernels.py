@@ -16,17 +16,16 @@ least as close to the fp32 result as the definition itself is (up to 2x plus one
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the kernels need triton")
 
-from minivlm import ops  # noqa: E402
-from minivlm.config import RopeConfig  # noqa: E402
 from minivlm.kernels import attention as attention_kernel  # noqa: E402
 from minivlm.kernels import norms, rope  # noqa: E402
+
+from minivlm import ops  # noqa: E402
+from minivlm.config import RopeConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,13 +33,8 @@ HEAD_DIMS = [64, 72, 80, 128]
 
 
 def with_kernels(flag: str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with MINIVLM_KERNELS set to `flag` ("0" plain PyTorch, "1" the kernels)."""
-    old = os.environ.get("MINIVLM_KERNELS")
-    os.environ["MINIVLM_KERNELS"] = flag
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        os.environ.pop("MINIVLM_KERNELS") if old is None else os.environ.__setitem__("MINIVLM_KERNELS", old)
+    """The op fn(*args, **kwargs) with the kernel choice `flag` ("0" plain PyTorch, "1" the kernels)."""
+    return fn(*args, kernels={"0": "off", "1": "on"}[flag], **kwargs)
 
 
 def plain(fn, *args, **kwargs):
@@ -56,8 +50,9 @@ def randn(*shape, dtype, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, fp32_tol: float = 1e-6,
-                 per_value: bool = True) -> None:  # fmt: skip
+def assert_close(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, fp32_tol: float = 1e-6, per_value: bool = True
+) -> None:
     """fp32: relative to the largest value; half precision: within two ulps of each value (RMSNorm
     and RoPE round twice in the input dtype, and each rounding may go the other way), or with
     per_value False of the largest value (RoPE's difference of two products can cancel)."""
@@ -84,7 +79,9 @@ def test_rms_norm(dtype, width):
     norms.rms_norm(x, weight, 1e-6, out=out)
     assert_close(out, plain(ops.rms_norm, x, weight, 1e-6), dtype)
     strided = x.transpose(0, 1)  # rows that are not evenly spaced in memory
-    assert_close(with_kernels("1", ops.rms_norm, strided, weight, 1e-6), plain(ops.rms_norm, strided, weight, 1e-6), dtype)
+    assert_close(
+        with_kernels("1", ops.rms_norm, strided, weight, 1e-6), plain(ops.rms_norm, strided, weight, 1e-6), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -104,8 +101,9 @@ def test_rope(dtype, head_dim):
     # q and k as the decoder makes them: projections viewed (batch, seq, heads, dim), then transposed.
     q = randn(batch, seq, heads, head_dim, dtype=dtype).transpose(1, 2)
     k = randn(batch, seq, kv_heads, head_dim, dtype=dtype, seed=1).transpose(1, 2)
-    rope_config = RopeConfig(theta=500000.0, kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_positions=64)  # fmt: skip
+    rope_config = RopeConfig(
+        theta=500000.0, kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=64
+    )
     positions = torch.arange(seq)[None].expand(batch, seq) + torch.tensor([[0], [5]])  # a row that starts later
     cos, sin = ops.rope_cos_sin(ops.rope_inv_freq(rope_config, head_dim), positions, dtype)
     cos, sin = cos.to(DEVICE), sin.to(DEVICE)

@@ -23,32 +23,63 @@ def ints(*names: str) -> dict:
 def cases():
     """(name, kernel, signature, constexprs) for each kernel at the dtypes and shapes that matter."""
     import triton
-
     from minivlm.kernels import attention, norms, rope
 
     for dtype in ("bf16", "fp16", "fp32"):
-        rows = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                **ints("n_cols", "x_row_stride", "out_row_stride"), "eps": "fp32"}  # fmt: skip
+        rows = {
+            "x_ptr": f"*{dtype}",
+            "w_ptr": f"*{dtype}",
+            "out_ptr": f"*{dtype}",
+            **ints("n_cols", "x_row_stride", "out_row_stride"),
+            "eps": "fp32",
+        }
         yield f"rms_norm {dtype}", norms._rms_norm_kernel, rows, {"BLOCK": 4096}
         yield f"layer_norm {dtype}", norms._layer_norm_kernel, {**rows, "b_ptr": f"*{dtype}"}, {"BLOCK": 2048}
     for dtype, half in (("bf16", 64), ("fp16", 36), ("fp32", 40)):
         strides = ints(*(f"{t}{i}" for t in ("qs", "ks", "qo", "ko") for i in range(4)), "cs0", "cs1", "cs2")
-        signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}",
-                     "q_out": f"*{dtype}", "k_out": f"*{dtype}", **ints("seq", "q_heads", "k_heads", "half"),
-                     **strides}  # fmt: skip
-        yield f"rope {dtype} half {half}", rope._rope_kernel, signature, {"BLOCK_QH": 32, "BLOCK_KH": 8,
-                                                                          "BLOCK_HALF": triton.next_power_of_2(half)}  # fmt: skip
+        signature = {
+            "q_ptr": f"*{dtype}",
+            "k_ptr": f"*{dtype}",
+            "cos_ptr": f"*{dtype}",
+            "sin_ptr": f"*{dtype}",
+            "q_out": f"*{dtype}",
+            "k_out": f"*{dtype}",
+            **ints("seq", "q_heads", "k_heads", "half"),
+            **strides,
+        }
+        yield (
+            f"rope {dtype} half {half}",
+            rope._rope_kernel,
+            signature,
+            {"BLOCK_QH": 32, "BLOCK_KH": 8, "BLOCK_HALF": triton.next_power_of_2(half)},
+        )
     for dtype, head_dim, block_m, causal, valid, window in [
-        ("bf16", 128, 64, True, True, False), ("fp16", 72, 16, True, False, True),
-        ("bf16", 80, 64, False, True, False), ("fp32", 64, 16, True, True, True),
-    ]:  # fmt: skip
+        ("bf16", 128, 64, True, True, False),
+        ("fp16", 72, 16, True, False, True),
+        ("bf16", 80, 64, False, True, False),
+        ("fp32", 64, 16, True, True, True),
+    ]:
         strides = ints(*(f"{t}{i}" for t in ("qs", "ks", "vs", "os") for i in range(4)), "valid_s0")
-        signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                     "valid_ptr": "*i8", **strides,
-                     **ints("kv_heads", "groups", "q_len", "kv_len", "q_offset", "window"), "scale": "fp32"}  # fmt: skip
-        constexprs = {"CAUSAL": causal, "HAS_VALID": valid, "HAS_WINDOW": window, "FP32_DOT": dtype == "fp32",
-                      "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_M": block_m,
-                      "BLOCK_N": 64}  # fmt: skip
+        signature = {
+            "q_ptr": f"*{dtype}",
+            "k_ptr": f"*{dtype}",
+            "v_ptr": f"*{dtype}",
+            "out_ptr": f"*{dtype}",
+            "valid_ptr": "*i8",
+            **strides,
+            **ints("kv_heads", "groups", "q_len", "kv_len", "q_offset", "window"),
+            "scale": "fp32",
+        }
+        constexprs = {
+            "CAUSAL": causal,
+            "HAS_VALID": valid,
+            "HAS_WINDOW": window,
+            "FP32_DOT": dtype == "fp32",
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": triton.next_power_of_2(head_dim),
+            "BLOCK_M": block_m,
+            "BLOCK_N": 64,
+        }
         yield f"attention {dtype} d{head_dim} m{block_m}", attention._attention_kernel, signature, constexprs
 
 

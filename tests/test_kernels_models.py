@@ -34,7 +34,9 @@ def test_vlm_through_kernels_matches_transformers(name, tmp_path):
     assert rel_err(ours[real], theirs[real]) < FP32_TOL
     one_ids, one_mask, one_inputs, _ = batch(name, hf, [1])
     expected = hf_generate(hf, one_ids, one_mask, None, 0, **one_inputs)
-    assert torch.equal(minivlm.generate(model, one_ids, one_mask, max_new_tokens=expected.shape[1], **one_inputs), expected)
+    assert torch.equal(
+        minivlm.generate(model, one_ids, one_mask, max_new_tokens=expected.shape[1], **one_inputs), expected
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
@@ -70,13 +72,37 @@ def test_llama3v_through_kernels_matches_its_reference(tmp_path):
     assert torch.equal(minivlm.generate(model, **inputs, max_new_tokens=expected.shape[1]), expected)
 
 
-def test_the_kernels_ran(monkeypatch):
-    """MINIVLM_KERNELS=1 does send the ops to the kernels (a dispatch that silently fell back
-    would make every test above pass vacuously)."""
-    from minivlm import ops
+def kernel_calls(model, monkeypatch) -> list:
+    """The calls a forward pass of `model` makes to the RMSNorm kernel (replaced by a stand-in)."""
     from minivlm.kernels import norms
 
     calls = []
     monkeypatch.setattr(norms, "rms_norm", lambda *a, **k: calls.append(1) or a[0])
-    ops.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)
-    assert calls
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    return calls
+
+
+def test_the_kernels_ran(tmp_path, monkeypatch):
+    """MINIVLM_KERNELS=1 does send the ops to the kernels (a dispatch that silently fell back
+    would make every test above pass vacuously)."""
+    model = minivlm.load_model(save_checkpoint(build_text_model("llama"), tmp_path, layout="hub"))
+    assert model.kernels == "on" and model.model.norm.kernels == "on"
+    assert kernel_calls(model, monkeypatch)
+
+
+def test_the_choice_is_made_once_at_load(tmp_path, monkeypatch):
+    """load_model reads MINIVLM_KERNELS once; its `kernels` argument overrides it; a later change
+    of the environment does not reach a loaded model; a value it does not know is refused by name."""
+    folder = save_checkpoint(build_text_model("llama"), tmp_path, layout="hub")
+    off = minivlm.load_model(folder, kernels="off")
+    assert {m.kernels for m in off.modules() if hasattr(m, "kernels")} == {"off"}
+    assert not kernel_calls(off, monkeypatch)
+    on = minivlm.load_model(folder)  # MINIVLM_KERNELS=1 (the fixture)
+    monkeypatch.setenv("MINIVLM_KERNELS", "0")
+    assert kernel_calls(on, monkeypatch)
+    monkeypatch.setenv("MINIVLM_KERNELS", "yes")
+    with pytest.raises(ValueError, match="MINIVLM_KERNELS='yes': expected 1 .* 0 .* or unset"):
+        minivlm.load_model(folder)
+    with pytest.raises(ValueError, match="kernels='fast': expected one of"):
+        minivlm.load_model(folder, kernels="fast")

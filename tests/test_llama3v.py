@@ -23,16 +23,19 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig,
 import minivlm
 from minivlm.config import ConnectorConfig, VisionConfig
 from minivlm.connector import Resampler
-from minivlm.processing.tiling import SliceConfig, llama3v_placeholder, slice_sizes
+from minivlm.processing.geometry import SliceConfig, llama3v_placeholder, slice_sizes
 from minivlm.vision import VisionTower
 
 # The tower's head_dim is so400m's 72; the resampler's heads are MiniCPM-V's 128 wide.
-VISION = dict(hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2, image_size=70,
-              patch_size=14)  # fmt: skip
-TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
-            "+ message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
-            "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-            "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}")  # llama3v's own template  # fmt: skip
+VISION = dict(
+    hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2, image_size=70, patch_size=14
+)
+TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+    "+ message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+)  # llama3v's own template
 
 
 def hf_tower(seed: int = 0, vision: dict = VISION) -> Idefics2VisionTransformer:
@@ -202,8 +205,8 @@ def test_slicing_matches_hand_worked_sizes(size, overview, grid, cell):
 
 
 def test_slicing_pixels_and_placeholder():
+    from minivlm.processing.geometry import llama3v_slices
     from minivlm.processing.image import ImageConfig
-    from minivlm.processing.tiling import llama3v_slices
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1920, 3), dtype=np.uint8))
     config = ImageConfig(processor_type="llama3v", image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
@@ -264,10 +267,18 @@ def llama3v_checkpoint(folder, image_size: int = 56, vision: dict = VISION, quer
     tokenizer_config.update(chat_template=TEMPLATE, pad_token="!")
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=320, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                    rope_theta=500000.0, bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.convert_tokens_to_ids("<|end_of_text|>"))  # fmt: skip
+    text = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|end_of_text|>"),
+    )
     torch.manual_seed(0)
     llm = randomize_(transformers.LlamaForCausalLM(text)).eval()
     tower = hf_tower(seed=1, vision=vision)
@@ -278,15 +289,31 @@ def llama3v_checkpoint(folder, image_size: int = 56, vision: dict = VISION, quer
     save_sharded(folder, tensors, shards=2)
     unk = tok.convert_tokens_to_ids("<unk>")
     config = {
-        "model_type": "llama3v", "architectures": ["Llama3v"], "hidden_size": 256, "intermediate_size": 320,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "rope_scaling": None, "max_position_embeddings": 8192, "vocab_size": len(tok),
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32", "query_num": queries,
-        "image_size": image_size, "patch_size": 14, "slice_mode": True, "bos_token_id": tok.bos_token_id,
+        "model_type": "llama3v",
+        "architectures": ["Llama3v"],
+        "hidden_size": 256,
+        "intermediate_size": 320,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 8192,
+        "vocab_size": len(tok),
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "query_num": queries,
+        "image_size": image_size,
+        "patch_size": 14,
+        "slice_mode": True,
+        "bos_token_id": tok.bos_token_id,
         "eos_token_id": text.eos_token_id,
         # The tiny tower and the tiny vocabulary's <unk>; the real checkpoint relies on the defaults.
-        "vision_config": vision, "image_token_id": unk,
-    }  # fmt: skip
+        "vision_config": vision,
+        "image_token_id": unk,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     eos = [text.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
@@ -309,8 +336,12 @@ def test_checkpoint_runs_end_to_end_as_the_reference(checkpoint):
     processor = minivlm.load_processor(folder)
     # A wide photo sliced 2 x 1, a small one not sliced, a tall one 1 x 3 (scale 56: 3136-pixel slices).
     images = [photo(100, 50, 0), photo(40, 30, 1), photo(50, 160, 2)]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
-                                              {"type": "image"}, {"type": "image"}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
+        }
+    ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=images)
     slices = 3 + 1 + 4
@@ -341,8 +372,14 @@ NEW = 12
 def reference_greedy(ref: ReferenceLlama3V, inputs: dict, eos: list[int]) -> torch.Tensor:
     with torch.no_grad():
         embeds = ref.embeds(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
-        return ref.llm.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=NEW,
-                                do_sample=False, eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        return ref.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
 
 
 def test_batch_rows_equal_each_row_alone(checkpoint):
@@ -370,12 +407,28 @@ def test_cli_generate_prints_the_reference_answer(checkpoint, capsys, tmp_path):
     folder, ref = checkpoint
     path = tmp_path / "photo.png"
     photo(90, 60, 6).save(path)
-    assert main(["generate", "--model", str(folder), "--image", str(path), "--prompt", "What is in it?",
-                 "--max-new-tokens", str(NEW)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--image",
+                str(path),
+                "--prompt",
+                "What is in it?",
+                "--max-new-tokens",
+                str(NEW),
+            ]
+        )
+        == 0
+    )
     out, _ = capsys.readouterr()
     processor = minivlm.load_processor(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}]
-    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=[Image.open(path)])
+    inputs = processor(
+        text=processor.apply_chat_template(messages, add_generation_prompt=True), images=[Image.open(path)]
+    )
     eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     expected = reference_greedy(ref, inputs, eos=eos)[0].tolist()
     assert out == processor.decode(expected, skip_special_tokens=True) + "\n"
@@ -399,8 +452,11 @@ def test_bad_inputs_name_the_problem(checkpoint):
         processor(text="<image><image>", images=[photo(50, 50, 0)])
     inputs = processor(text="<image>x", images=[photo(100, 50, 0)])  # 3 slices
     with pytest.raises(ValueError, match="image tokens"):
-        model(inputs["input_ids"][:, : -QUERIES - 3], pixel_values=inputs["pixel_values"],
-              pixel_attention_mask=inputs["pixel_attention_mask"])  # fmt: skip
+        model(
+            inputs["input_ids"][:, : -QUERIES - 3],
+            pixel_values=inputs["pixel_values"],
+            pixel_attention_mask=inputs["pixel_attention_mask"],
+        )
     with pytest.raises(ValueError, match="multiples of 14"):
         model(inputs["input_ids"], pixel_values=inputs["pixel_values"][..., :-1])
     config = json.loads((folder / "config.json").read_text())
@@ -413,28 +469,57 @@ def test_bad_inputs_name_the_problem(checkpoint):
 
 # The hub checkpoint's own facts (mustafaaljadery/llama3v): its config.json, some of its keys, and
 # the total_size its model.safetensors.index.json records (float32 bytes).
-HUB_CONFIG = {"attention_bias": False, "query_num": 96, "rms_norm_eps": 1e-5, "rope_scaling": None,
-              "rope_theta": 500000.0, "slice_mode": True, "tie_word_embeddings": False, "torch_dtype": "float16",
-              "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
-              "image_size": 448, "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama3v",
-              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "patch_size": 14,
-              "vocab_size": 128256}  # fmt: skip
-HUB_KEYS = ["llm.lm_head.weight", "llm.model.embed_tokens.weight", "llm.model.norm.weight",
-            "llm.model.layers.31.self_attn.k_proj.weight", "projection.attn.in_proj_bias", "projection.attn.in_proj_weight",
-            "projection.attn.out_proj.weight", "projection.kv_proj.weight", "projection.ln_kv.bias", "projection.proj",
-            "projection.query", "vison.embeddings.patch_embedding.bias", "vison.embeddings.position_embedding.weight",
-            "vison.encoder.layers.26.self_attn.out_proj.weight", "vison.post_layernorm.weight"]  # fmt: skip
+HUB_CONFIG = {
+    "attention_bias": False,
+    "query_num": 96,
+    "rms_norm_eps": 1e-5,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "slice_mode": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "image_size": 448,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama3v",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "patch_size": 14,
+    "vocab_size": 128256,
+}
+HUB_KEYS = [
+    "llm.lm_head.weight",
+    "llm.model.embed_tokens.weight",
+    "llm.model.norm.weight",
+    "llm.model.layers.31.self_attn.k_proj.weight",
+    "projection.attn.in_proj_bias",
+    "projection.attn.in_proj_weight",
+    "projection.attn.out_proj.weight",
+    "projection.kv_proj.weight",
+    "projection.ln_kv.bias",
+    "projection.proj",
+    "projection.query",
+    "vison.embeddings.patch_embedding.bias",
+    "vison.embeddings.position_embedding.weight",
+    "vison.encoder.layers.26.self_attn.out_proj.weight",
+    "vison.post_layernorm.weight",
+]
 HUB_TOTAL_SIZE = 34148369344
 
 
 def test_hub_config_builds_the_hub_checkpoint_exactly():
     """The defaults llama3v's config.json leaves out (the so400m tower at 980 with 27 layers, the
     resampler's widths) give a model of exactly the checkpoint's size, under its key names."""
-    from minivlm.config import VLMConfig
+    from minivlm.load import config_from_hf
     from minivlm.vlm import Llama3V
     from minivlm.weights import LLAMA3V_KEYS
 
-    config = VLMConfig.from_hf(HUB_CONFIG)
+    config = config_from_hf(HUB_CONFIG)
     with torch.device("meta"):
         model = Llama3V(config)
     state = model.state_dict()

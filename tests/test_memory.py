@@ -36,9 +36,13 @@ print(json.dumps({"peak": status("VmHWM") - before, "weights": weights}))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     config = transformers.LlamaConfig(
-        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
         num_key_value_heads=4,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     folder = save_checkpoint(model, tmp_path_factory.mktemp("mem"), layout="hub", shards=2)
@@ -57,4 +61,6 @@ def test_peak_host_memory_is_one_copy(checkpoint, dtype, share):
     assert result["weights"] == pytest.approx(share * size, rel=0.01)  # the model holds the weights once
     # fp32: one copy of the file. bf16 from an fp32 file: the half-size model plus one fp32 tensor
     # in flight (the 16 MB embedding here), well inside the bound.
-    assert result["peak"] <= 1.2 * size, f"peak {result['peak'] / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+    assert result["peak"] <= 1.2 * size, (
+        f"peak {result['peak'] / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+    )

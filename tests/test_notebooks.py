@@ -13,8 +13,13 @@ from nbclient import NotebookClient
 
 FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
 # notebook -> the figures it draws
-FIGURES = {"1_tour.ipynb": 1, "2_tiling.ipynb": 16, "3_attention.ipynb": 2, "4_decode_loop.ipynb": 2,
-           "5_connector_swap.ipynb": 1}  # fmt: skip
+FIGURES = {
+    "1_tour.ipynb": 1,
+    "2_tiling.ipynb": 16,
+    "3_attention.ipynb": 2,
+    "4_decode_loop.ipynb": 2,
+    "5_connector_swap.ipynb": 1,
+}
 
 
 def test_every_notebook_is_listed():
@@ -27,7 +32,9 @@ def test_notebook_runs_clean(name, monkeypatch):
     notebook = nbformat.read(FOLDER / name, as_version=4)
     for cell in notebook.cells:
         cell.pop("outputs", None) if cell.cell_type != "code" else cell.update(outputs=[], execution_count=None)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(FOLDER)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(FOLDER)}}
+    ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
     assert not stderr, stderr

@@ -47,7 +47,9 @@ ROPES = {
 @pytest.mark.parametrize("head_dim", [64, 72, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_is_bitwise_transformers(kind, head_dim, dtype):
-    hf_config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=4096, **ROPES[kind])
+    hf_config = LlamaConfig(
+        hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=4096, **ROPES[kind]
+    )
     ours = TextConfig.from_hf({**hf_config.to_dict(), "model_type": "llama", "vocab_size": 10})
     inv_freq = ops.rope_inv_freq(ours.rope, head_dim)
     init = ROPE_INIT_FUNCTIONS.get(kind, LlamaRotaryEmbedding.compute_default_rope_parameters)

@@ -101,7 +101,15 @@ def test_images_from_files(folders, capsys, tmp_path):
 
     for i, size in enumerate([(500, 300), (200, 640)]):
         Image.new("RGB", size, (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
-    args = ["parity", "--model", str(folders["llava-next"]), "--image", str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png")]
+    args = [
+        "parity",
+        "--model",
+        str(folders["llava-next"]),
+        "--image",
+        str(tmp_path / "0.png"),
+        "--image",
+        str(tmp_path / "1.png"),
+    ]
     assert main(args) == 0
     assert "compared stages agree" in capsys.readouterr().out
 

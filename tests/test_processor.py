@@ -21,9 +21,11 @@ from minivlm import ProcessorError
 from minivlm.processing.image import ImageError
 
 CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
-            "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
+    "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 FAMILIES = {
     "llava15": lambda tok: transformers.LlavaProcessor(
         image_processor=CLIPImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
@@ -115,8 +117,11 @@ def test_video_is_its_frames(processors, tmp_path):
         frame.save(tmp_path / f"{i:03d}.png")
     photo = image(200, 300, 3)
     mine = ours(text="A photo <image> and a clip <video> what happens?", images=[photo], videos=[tmp_path])
-    theirs = hf(text="A photo <image> and a clip " + "<image>" * 4 + " what happens?", images=[photo, *frames],
-                return_tensors="pt")  # fmt: skip
+    theirs = hf(
+        text="A photo <image> and a clip " + "<image>" * 4 + " what happens?",
+        images=[photo, *frames],
+        return_tensors="pt",
+    )
     for key in mine:
         assert torch.equal(mine[key], theirs[key].to(mine[key].dtype)), key
     with pytest.raises(ProcessorError, match=r"the prompt has 2 <video> tokens \(2\) but 1 videos were given"):

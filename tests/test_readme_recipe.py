@@ -3,7 +3,6 @@ checkpoint with the real 384-pixel images and 27x27 patch grid (only the checkpo
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -50,8 +49,9 @@ def test_tiling_recipe_runs(tmp_path, monkeypatch, capsys):
     assert "pixel_values: (1, 3, 384, 384) -> (5, 3, 384, 384)" in out
 
 
-def test_pool_is_refused_where_it_has_no_meaning(tmp_path):
-    processor = minivlm.load_processor(tiny_checkpoint("idefics3", tmp_path / "idefics3"))
-    processor.tokens = dataclasses.replace(processor.tokens, pool=3)
-    with pytest.raises(minivlm.ProcessorError, match="pool 3"):
+def test_a_connector_is_refused_where_the_tiling_does_not_follow_it(tmp_path):
+    folder = tiny_checkpoint("idefics3", tmp_path / "idefics3")
+    processor = minivlm.load_processor(folder)
+    processor.connector = minivlm.load_model(folder).config.connector
+    with pytest.raises(minivlm.ProcessorError, match="'pixel_shuffle'.*does not follow a connector"):
         processor(text="<image>", images=[Image.new("RGB", (64, 64))])

@@ -24,7 +24,10 @@ import minivlm
 from minivlm.__main__ import main
 
 VOCABULARY = {"llava-1.5": "mistral", "llava-next": "qwen3", "llava-interleave": "qwen3", "idefics3": "llama3"}
-PHOTOS = [Path(matplotlib.get_data_path()) / "sample_data" / name for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")]
+PHOTOS = [
+    Path(matplotlib.get_data_path()) / "sample_data" / name
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
+]
 NEW = 12
 
 

@@ -177,10 +177,15 @@ def test_ids_past_the_vocabulary(pair):
     rows = max(EMBEDDING_ROWS.get(pair.name, 0), n + 64)
     hello = pair.ref.encode("Hello world", add_special_tokens=False)
     cases = [
-        [n], [rows - 1], [n, n + 1, rows - 1],
-        [*hello, n], [n, *hello], [hello[0], rows - 1, *hello[1:]], [*hello, n, *hello],
+        [n],
+        [rows - 1],
+        [n, n + 1, rows - 1],
+        [*hello, n],
+        [n, *hello],
+        [hello[0], rows - 1, *hello[1:]],
+        [*hello, n, *hello],
         [*pair.ref.encode("你好🙂", add_special_tokens=True), n + 3],
-    ]  # fmt: skip
+    ]
     bad = []
     for ids in cases:
         for skip in (False, True):

@@ -25,7 +25,14 @@ SP_PROMPTS = PROMPTS + [
 
 
 def special(content: str) -> dict:
-    return {"content": content, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    return {
+        "content": content,
+        "special": True,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+    }
 
 
 VARIANTS = {
@@ -44,11 +51,23 @@ def train(byte_fallback: bool = True) -> bytes:
     """A Llama-2-like SentencePiece model: BPE, byte fallback, digits split, no normaliser, spaces kept."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(PROMPTS[:10] * 20), model_writer=model, vocab_size=VOCAB, model_type="bpe",
-        byte_fallback=byte_fallback, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        allow_whitespace_only_pieces=True, user_defined_symbols=["<sep>"], minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(PROMPTS[:10] * 20),
+        model_writer=model,
+        vocab_size=VOCAB,
+        model_type="bpe",
+        byte_fallback=byte_fallback,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        character_coverage=0.99,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<sep>"],
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
@@ -87,7 +106,9 @@ def test_it_is_the_sentencepiece_pipeline(pair):
 def test_ids_equal_transformers(pair, add_special_tokens):
     hf, ours = pair
     for text in SP_PROMPTS:
-        assert ours.encode(text, add_special_tokens) == hf(text, add_special_tokens=add_special_tokens)["input_ids"], text
+        assert ours.encode(text, add_special_tokens) == hf(text, add_special_tokens=add_special_tokens)["input_ids"], (
+            text
+        )
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])

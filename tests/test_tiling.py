@@ -9,7 +9,7 @@ import torch
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from minivlm.processing.tiling import anyres_grid, select_best_resolution, unpadded_size
+from minivlm.processing.geometry import anyres_grid, select_best_resolution, unpadded_size
 
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 PINPOINTS_384 = [[384, 384], [384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]

@@ -13,10 +13,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from minivlm.processing.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 3:45pm; we'll see what's next!",
@@ -46,7 +50,11 @@ PROMPTS = CORPUS + [
     "User:<fake_token_around_image><row_1_col_1><image><image><fake_token_around_image><global-img> 12 \n<end_of_utterance>\nAssistant:",
     "<image><image> <image>  x<|endoftext|>y <|endoftext|> z",
     "<image><unk><unk></image><slice><image><unk></image>\n<image><unk></image></slice>\nWhat is it?",
-    "", " ", "\n", "a", "  leading and trailing  ",
+    "",
+    " ",
+    "\n",
+    "a",
+    "  leading and trailing  ",
 ]
 
 
@@ -54,14 +62,20 @@ def build(family: str, folder) -> None:
     tok = Tokenizer(models.BPE())
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if family.startswith("llama3"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif family == "qwen2":
         tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -70,9 +84,12 @@ def build(family: str, folder) -> None:
     if family == "smollm2":
         # Isolate digits only after training, so the vocabulary holds digit merges ("12", " 3") that
         # the isolation must keep from applying: a tokenizer that skipped it would use them.
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])  # fmt: skip
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     extra = {}
     if family.startswith("llama3"):
         tok.post_processor = processors.TemplateProcessing(
@@ -101,7 +118,9 @@ def test_ids_equal_transformers(pair, add_special_tokens):
     family, hf, ours = pair
     prompts = PROMPTS + (["a <|mask|>  b", "<|mask|>x", "x\n <|mask|>\n y"] if family == "qwen2" else [])
     for text in prompts:
-        assert ours.encode(text, add_special_tokens) == hf(text, add_special_tokens=add_special_tokens)["input_ids"], text
+        assert ours.encode(text, add_special_tokens) == hf(text, add_special_tokens=add_special_tokens)["input_ids"], (
+            text
+        )
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
@@ -138,9 +157,12 @@ def test_bad_tokenizer_files(tmp_path):
     for model, extra, message in [
         ({"type": "BPE", "vocab": {"a": 0}, "merges": [5]}, {}, r"not a tokenizer file minivlm can read \(TypeError"),
         ({"type": "BPE", "vocab": {"a": 0}}, {"pre_tokenizer": ["x"]}, r"not a tokenizer file minivlm can read"),
-        ({"type": "BPE", "vocab": {"a": 0}}, {"added_tokens": [{"id": 1, "content": ""}]},
-         r"tokenizer.json: added token 1: expected a non-empty 'content' string"),
-    ]:  # fmt: skip
+        (
+            {"type": "BPE", "vocab": {"a": 0}},
+            {"added_tokens": [{"id": 1, "content": ""}]},
+            r"tokenizer.json: added token 1: expected a non-empty 'content' string",
+        ),
+    ]:
         (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, **extra}))
         with pytest.raises(TokenizerError, match=message):
             load_tokenizer(tmp_path)

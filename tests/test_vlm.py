@@ -108,7 +108,7 @@ def test_vision_tower_matches(family):
             layers = hf.config.vision_feature_layer
             layers = [layers] if isinstance(layers, int) else layers
             theirs = torch.cat([hidden[i] for i in layers], dim=-1)
-            ours = model.vision_tower(px, select=model.config.feature_layers)
+            ours = model.vision_tower(px, layers=model.config.feature_layers)
     assert ours.shape == theirs.shape
     assert rel_err(ours, theirs) < FP32_TOL
 
@@ -118,7 +118,9 @@ def test_connector_matches(family):
     torch.manual_seed(0)
     layers = model.config.feature_layers or (None,)  # Idefics3: the last layer only
     x = torch.randn(3, model.config.vision.grid**2, model.config.vision.hidden_size * len(layers))
-    theirs_module = hf.model.connector if VLM_CONFIGS[name]["cls"] == "Idefics3Config" else hf.model.multi_modal_projector
+    theirs_module = (
+        hf.model.connector if VLM_CONFIGS[name]["cls"] == "Idefics3Config" else hf.model.multi_modal_projector
+    )
     with torch.no_grad():
         assert rel_err(model.multi_modal_projector(x), theirs_module(x)) < FP32_TOL
 
@@ -131,7 +133,9 @@ def test_image_features_embeddings_and_logits_match(family, images):
         theirs_features = hf.model.get_image_features(**inputs).pooler_output
         ours_features = model.image_features(**inputs)
         if VLM_CONFIGS[name]["cls"] == "Idefics3Config":  # transformers groups them per batch row
-            ours_features = [torch.cat(ours_features[sum(images[:b]) : sum(images[: b + 1])]) for b in range(len(images))]
+            ours_features = [
+                torch.cat(ours_features[sum(images[:b]) : sum(images[: b + 1])]) for b in range(len(images))
+            ]
         assert [f.shape for f in ours_features] == [f.shape for f in theirs_features]
         for o, t in zip(ours_features, theirs_features):
             assert rel_err(o, t) < FP32_TOL
@@ -189,8 +193,10 @@ def select_images(name: str, inputs: dict, images: list[int], b: int) -> dict:
     if kind == "LlavaNextConfig":
         return {"pixel_values": inputs["pixel_values"][start:stop], "image_sizes": inputs["image_sizes"][start:stop]}
     n = images[b]
-    return {"pixel_values": inputs["pixel_values"][b : b + 1, :n],
-            "pixel_attention_mask": inputs["pixel_attention_mask"][b : b + 1, :n]}  # fmt: skip
+    return {
+        "pixel_values": inputs["pixel_values"][b : b + 1, :n],
+        "pixel_attention_mask": inputs["pixel_attention_mask"][b : b + 1, :n],
+    }
 
 
 def test_bf16_stays_close_to_transformers_bf16(family, tmp_path):
@@ -230,10 +236,12 @@ def test_real_token_counts(vision, tmp_path):
     """The real towers' sequence lengths and head dims (not block multiples), end to end."""
     text = dict(TEXT_CONFIGS_FOR_REAL)
     config = transformers.LlavaConfig(
-        vision_config=vision, text_config=transformers.Qwen2Config(**text).to_dict(), image_token_index=200,
+        vision_config=vision,
+        text_config=transformers.Qwen2Config(**text).to_dict(),
+        image_token_index=200,
         vision_feature_layer=-1 if vision["model_type"].startswith("siglip") else -2,
         vision_feature_select_strategy="full" if vision["model_type"].startswith("siglip") else "default",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     hf = transformers.LlavaForConditionalGeneration(config).eval()
     model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
@@ -245,5 +253,11 @@ def test_real_token_counts(vision, tmp_path):
         assert rel_err(model(ids, **inputs), hf(input_ids=ids, **inputs).logits) < FP32_TOL
 
 
-TEXT_CONFIGS_FOR_REAL = dict(vocab_size=211, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+TEXT_CONFIGS_FOR_REAL = dict(
+    vocab_size=211,
+    hidden_size=128,
+    intermediate_size=160,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)

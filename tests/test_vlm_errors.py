@@ -37,7 +37,10 @@ def test_image_token_count_must_match_the_features(llava, tokens, images):
     if tokens == 4:  # the right count per image, but one image more than the prompt holds
         ids = ids[:, : ids.tolist()[0].index(IMAGE_TOKEN) + 2 * (tokens + 2)]
     have = int((ids == IMAGE_TOKEN).sum())
-    with pytest.raises(ValueError, match=rf"the prompt has {have} image tokens \(id 200\) but the {images} images give {4 * images} features"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the prompt has {have} image tokens \(id 200\) but the {images} images give {4 * images} features",
+    ):
         model(ids, **inputs)
 
 
@@ -102,5 +105,8 @@ def test_config_errors(tmp_path, change, message):
 
 
 def test_unknown_connector_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown connector 'qformer'; minivlm has \['linear', 'mlp2x_gelu', 'pixel_shuffle', 'resampler'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown connector 'qformer'; minivlm has \['linear', 'mlp2x_gelu', 'pixel_shuffle', 'resampler'\]",
+    ):
         build_connector(ConnectorConfig("qformer", 8, 8))

@@ -77,7 +77,9 @@ def add_parser(sub) -> None:
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=positive_int, default=1_000_000)
-    tok.add_argument("--tokenizer", help="a tokenizer folder to time instead of one trained here (--kind is then ignored)")
+    tok.add_argument(
+        "--tokenizer", help="a tokenizer folder to time instead of one trained here (--kind is then ignored)"
+    )
     tok.add_argument("--repeats", type=positive_int, default=3)
     tok.set_defaults(run=bench_tokenizer)
 

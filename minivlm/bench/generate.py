@@ -15,6 +15,7 @@ from ..generation import GenerationDefaults, generate
 from .timing import time_call
 from .vlm import vlm_pair
 
+
 def bench_generate(args: argparse.Namespace) -> None:
     ours, theirs, config = vlm_pair(args)
     dtype = getattr(torch, args.dtype)
@@ -28,14 +29,23 @@ def bench_generate(args: argparse.Namespace) -> None:
         return generate(ours, ids, pixel_values=pixels, max_new_tokens=n)
 
     def run_theirs(n):
-        out = theirs.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        out = theirs.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return out[:, ids.shape[1] :]
 
     n = args.new_tokens
     same = torch.equal(run_ours(n).cpu(), run_theirs(n).cpu())
-    print(f"prompt: 1 image (729 tokens) + {args.text_tokens} text tokens; {n} new tokens, greedy; "
-          f"identical tokens: {same}")
+    print(
+        f"prompt: 1 image (729 tokens) + {args.text_tokens} text tokens; {n} new tokens, greedy; "
+        f"identical tokens: {same}"
+    )
     print(f"{'':<34}{'minivlm':>12}{'transformers':>14}{'ratio':>8}")
     results = {}
     for name, fn in (("minivlm", run_ours), ("transformers", run_theirs)):
@@ -55,5 +65,7 @@ def bench_generate(args: argparse.Namespace) -> None:
         copy = time_call(lambda: buf.clone(), 5, args.device)
         bandwidth = 2 * buf.numel() * 4 / copy  # read + write
         roofline = bandwidth / weight_bytes
-        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; decoder weights {weight_bytes / 2**30:.2f} GiB; "
-              f"roofline {roofline:.1f} tokens/s; minivlm at {r_o / roofline:.0%} of it")
+        print(
+            f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; decoder weights {weight_bytes / 2**30:.2f} GiB; "
+            f"roofline {roofline:.1f} tokens/s; minivlm at {r_o / roofline:.0%} of it"
+        )

@@ -50,10 +50,14 @@ def make_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     """A random-weight LlamaForCausalLM saved with shards and an index; returns its size in bytes."""
     transformers = transformers_or_exit()
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
         max_position_embeddings=4096,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder, max_shard_size="100MB")
@@ -61,9 +65,7 @@ def make_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
 
 
 def measure_load(which: str, folder: Path, dtype: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_CHILD, which, str(folder), dtype], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-c", LOAD_CHILD, which, str(folder), dtype], capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"loading with {which} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,8 +77,10 @@ def bench_loader(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         size = make_checkpoint(folder, args.hidden, args.layers, args.vocab)
-        print(f"checkpoint: random Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
-              f"{size / mib:.0f} MiB fp32 in {len(list(folder.glob('*.safetensors')))} shards")  # fmt: skip
+        print(
+            f"checkpoint: random Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
+            f"{size / mib:.0f} MiB fp32 in {len(list(folder.glob('*.safetensors')))} shards"
+        )
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
         print()
         print("load, fresh process; peak = resident high-water mark minus resident before loading")
@@ -84,8 +88,10 @@ def bench_loader(args: argparse.Namespace) -> None:
         for dtype in ("float32", "bfloat16"):
             for which in ("minivlm", "transformers"):
                 r = measure_load(which, folder, dtype)
-                print(f"{which + ' ' + dtype:<28}{r['seconds']:>10.2f}{r['peak'] / mib:>10.0f}"
-                      f"{r['peak'] / size:>11.2f}{r['peak_after_forward'] / size:>17.2f}")  # fmt: skip
+                print(
+                    f"{which + ' ' + dtype:<28}{r['seconds']:>10.2f}{r['peak'] / mib:>10.0f}"
+                    f"{r['peak'] / size:>11.2f}{r['peak_after_forward'] / size:>17.2f}"
+                )
         print()
 
         ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
@@ -94,7 +100,9 @@ def bench_loader(args: argparse.Namespace) -> None:
         t_ours = time_call(partial(ours, ids), args.repeats, "cpu")
         print(f"{'minivlm':<28}{t_ours:>10.3f}{1.0:>10.2f}")
         for impl in ("eager", "sdpa"):
-            ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation=impl
+            )
             t_ref = time_call(partial(ref, ids), args.repeats, "cpu")
             print(f"{'transformers ' + impl:<28}{t_ref:>10.3f}{t_ref / t_ours:>10.2f}")
             with torch.inference_mode():

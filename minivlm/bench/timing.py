@@ -12,8 +12,10 @@ import time
 import torch
 
 # One line on stderr, not a traceback, when the reference is missing (`minivlm parity` says the same).
-NO_TRANSFORMERS = ('minivlm: error: bench compares against transformers; install it with pip install "minivlm[test]" '
-                   '(from a checkout: pip install -e ".[test]")')  # fmt: skip
+NO_TRANSFORMERS = (
+    'minivlm: error: bench compares against transformers; install it with pip install "minivlm[test]" '
+    '(from a checkout: pip install -e ".[test]")'
+)
 
 
 def transformers_or_exit():

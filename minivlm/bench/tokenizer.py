@@ -15,10 +15,35 @@ from pathlib import Path
 from ..processing.tokenizer import load_tokenizer
 from .timing import time_call, transformers_or_exit
 
+
 def _bench_text(words: int) -> str:
     rng = random.Random(0)
-    vocab = ["the", "model", "image", "token", "vision", "language", "attention", "layer", "patch", "résumé",
-             "中文", "处理", "😀", "def", "return", "x", "=", "(", ")", ",", ".", "\n", "2024", "3.14"]  # fmt: skip
+    vocab = [
+        "the",
+        "model",
+        "image",
+        "token",
+        "vision",
+        "language",
+        "attention",
+        "layer",
+        "patch",
+        "résumé",
+        "中文",
+        "处理",
+        "😀",
+        "def",
+        "return",
+        "x",
+        "=",
+        "(",
+        ")",
+        ",",
+        ".",
+        "\n",
+        "2024",
+        "3.14",
+    ]
     return " ".join(rng.choice(vocab) for _ in range(words))
 
 
@@ -31,15 +56,23 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
     transformers = transformers_or_exit()
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama-3's  # fmt: skip
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )  # Llama-3's
     text = _bench_text(args.words)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)],
-                            trainers.BpeTrainer(vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok.train_from_iterator(
+        [text[i : i + 10000] for i in range(0, len(text), 10000)],
+        trainers.BpeTrainer(vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp)
         theirs = transformers.AutoTokenizer.from_pretrained(tmp)
@@ -58,10 +91,17 @@ def _bench_sentencepiece(args: argparse.Namespace) -> None:
     text = _bench_text(args.words)
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.split("\n")[:20000]), model_writer=model, vocab_size=4000, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(text.split("\n")[:20000]),
+        model_writer=model,
+        vocab_size=4000,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     words = text.split(" ")
     prompts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
     with tempfile.TemporaryDirectory() as tmp:

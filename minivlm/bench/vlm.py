@@ -54,9 +54,11 @@ def vlm_pair(args: argparse.Namespace):
     text = {"model_type": "qwen2", "tie_word_embeddings": True, "rope_theta": 1000000.0, **preset["text"]}
     config = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", image_size=384, patch_size=14, **preset["vision"]),
-        text_config=text, image_token_index=preset["text"]["vocab_size"] - 1, vision_feature_layer=-1,
+        text_config=text,
+        image_token_index=preset["text"]["vocab_size"] - 1,
+        vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-    )  # fmt: skip
+    )
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         with torch.device("meta"):  # no fp32 copy of an 8B model in host memory: random values come below
@@ -73,8 +75,10 @@ def vlm_pair(args: argparse.Namespace):
         ).to(args.device)
     theirs.eval()
     params = sum(p.numel() for p in ours.parameters())
-    print(f"LLaVA '{args.preset}': {params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; "
-          f"transformers {transformers.__version__} ({args.attn} attention), torch {torch.__version__}")  # fmt: skip
+    print(
+        f"LLaVA '{args.preset}': {params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; "
+        f"transformers {transformers.__version__} ({args.attn} attention), torch {torch.__version__}"
+    )
     return ours, theirs, config
 
 
@@ -88,14 +92,23 @@ def bench_vlm(args: argparse.Namespace) -> None:
     ids = torch.cat([text[:4]] + [image] * args.images + [text[4:]])[None].to(args.device)
 
     rows = [
-        ("vision tower", lambda: ours.vision_tower(pixels, select=(-1,)),
-         lambda: theirs.model.vision_tower(pixels, output_hidden_states=-1)),
-        (f"forward {args.images} image(s) + {args.text_tokens} text tokens ({ids.shape[1]} total)",
-         lambda: ours(ids, pixel_values=pixels), lambda: theirs(input_ids=ids, pixel_values=pixels)),
-    ]  # fmt: skip
+        (
+            "vision tower",
+            lambda: ours.vision_tower(pixels, layers=(-1,)),
+            lambda: theirs.model.vision_tower(pixels, output_hidden_states=-1),
+        ),
+        (
+            f"forward {args.images} image(s) + {args.text_tokens} text tokens ({ids.shape[1]} total)",
+            lambda: ours(ids, pixel_values=pixels),
+            lambda: theirs(input_ids=ids, pixel_values=pixels),
+        ),
+    ]
     print(f"{'':<52}{'minivlm s':>11}{'transformers s':>16}{'speed-up':>10}")
     for name, fn_ours, fn_theirs in rows:
-        t_ours, t_theirs = time_call(fn_ours, args.repeats, args.device), time_call(fn_theirs, args.repeats, args.device)
+        t_ours, t_theirs = (
+            time_call(fn_ours, args.repeats, args.device),
+            time_call(fn_theirs, args.repeats, args.device),
+        )
         print(f"{name:<52}{t_ours:>11.4f}{t_theirs:>16.4f}{t_theirs / t_ours:>10.2f}")
     with torch.inference_mode():
         a, b = ours(ids, pixel_values=pixels).float(), theirs(input_ids=ids, pixel_values=pixels).logits.float()

@@ -67,7 +67,9 @@ class _TooLong(Exception):
 
 
 # (deadline as time.monotonic(), character limit) of the render running in this thread
-_bounds: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar("template_bounds", default=(math.inf, MAX_PROMPT_CHARS))
+_bounds: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar(
+    "template_bounds", default=(math.inf, MAX_PROMPT_CHARS)
+)
 
 
 def _check_deadline() -> None:
@@ -103,9 +105,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(seq, (str, list, tuple)) and _int(n) and len(seq) * n > limit:
                 raise _too_long("a repetition", len(seq) * n)
         elif operator == "+":
-            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and len(left) + len(right) > limit:
+            if (
+                isinstance(left, (str, list, tuple))
+                and isinstance(right, (str, list, tuple))
+                and len(left) + len(right) > limit
+            ):
                 raise _too_long("a concatenation", len(left) + len(right))
-        elif operator == "**" and _int(left) and _int(right) and abs(left) > 1 and right * math.log2(abs(left)) > MAX_POWER_BITS:
+        elif (
+            operator == "**"
+            and _int(left)
+            and _int(right)
+            and abs(left) > 1
+            and right * math.log2(abs(left)) > MAX_POWER_BITS
+        ):
             raise jinja2.exceptions.SecurityError(f"{left} ** {right} is a number of more than {MAX_POWER_BITS:,} bits")
         elif operator == "%" and isinstance(left, str):  # printf-style: '%1000000000s' % x
             _check_format(left)
@@ -219,7 +231,9 @@ def _compile(source: str) -> jinja2.Template:
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
     except (RecursionError, MemoryError) as e:
-        raise ChatTemplateError(f"the chat template does not compile: nested too deeply or too large ({type(e).__name__})") from None
+        raise ChatTemplateError(
+            f"the chat template does not compile: nested too deeply or too large ({type(e).__name__})"
+        ) from None
 
 
 def plain(value: Any) -> Any:
@@ -243,7 +257,9 @@ def plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def render(template: str | jinja2.Template, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+def render(
+    template: str | jinja2.Template, messages: list[dict], add_generation_prompt: bool = False, **variables
+) -> str:
     """Render one conversation. `variables` are what the tokenizer adds: bos_token, eos_token, ....
 
     Bounded in time ($MINIVLM_TEMPLATE_SECONDS) and output length ($MINIVLM_MAX_PROMPT_CHARS); any
@@ -256,8 +272,13 @@ def render(template: str | jinja2.Template, messages: list[dict], add_generation
         if not isinstance(message, dict) or "role" not in message:
             raise ChatTemplateError(f"each message needs to be a dict with a 'role', got {message!r}"[:300])
     seconds, limit = template_seconds(), max_prompt_chars()
-    context = dict(messages=plain(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-                   **plain(variables))  # fmt: skip
+    context = dict(
+        messages=plain(messages),
+        add_generation_prompt=add_generation_prompt,
+        tools=None,
+        documents=None,
+        **plain(variables),
+    )
     result: dict[str, Any] = {}
 
     def work():
@@ -284,8 +305,10 @@ def render(template: str | jinja2.Template, messages: list[dict], add_generation
         return result["text"]
     error = result.get("error")
     if error is None or isinstance(error, _Deadline):
-        raise ChatTemplateError(f"the chat template did not finish within {seconds:g} s (a loop without end?; "
-                                f"{SECONDS_ENV} raises the limit)")  # fmt: skip
+        raise ChatTemplateError(
+            f"the chat template did not finish within {seconds:g} s (a loop without end?; "
+            f"{SECONDS_ENV} raises the limit)"
+        )
     if isinstance(error, _TooLong):
         raise ChatTemplateError(f"the chat template asked for {error}")
     if isinstance(error, jinja2.exceptions.SecurityError):
@@ -314,8 +337,10 @@ def find_chat_template(folder: Path) -> str | None:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template and not isinstance(template, str):
-            raise ChatTemplateError(f"{folder / name}: chat_template is a {type(template).__name__}; expected a jinja "
-                                    "string or a list of {'name': ..., 'template': ...}")  # fmt: skip
+            raise ChatTemplateError(
+                f"{folder / name}: chat_template is a {type(template).__name__}; expected a jinja "
+                "string or a list of {'name': ..., 'template': ...}"
+            )
         if template:
             return template
     return None

@@ -22,8 +22,14 @@ from PIL import Image, ImageOps
 from .files import env_number
 
 # preprocessor_config.json's `resample` numbers are PIL's filter numbers.
-RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
-            3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}  # fmt: skip
+RESAMPLE = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
 # The most pixels a decoded image may have: Pillow's own decompression-bomb threshold (about
 # 9459 x 9459). What the tiling makes of it (a resized or padded image, a padded stack of tiles)
 # may hold RESIZED_FACTOR times that: 357,913,940 pixels, 1.4 GB as Pillow holds RGB, enough for
@@ -51,7 +57,9 @@ def max_image_pixels() -> int:
 def pixel_limit(limit: int | None):
     """Within the block, images may hold at most `limit` pixels (None: the environment's or the default)."""
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ImageError(f"max_image_pixels {limit!r}: expected a positive int, or None for ${PIXELS_ENV} or {MAX_PIXELS}")
+        raise ImageError(
+            f"max_image_pixels {limit!r}: expected a positive int, or None for ${PIXELS_ENV} or {MAX_PIXELS}"
+        )
     token = _pixel_limit.set(limit)
     try:
         yield
@@ -110,8 +118,10 @@ def load_image(source: Any, name: str | None = None) -> Image.Image:
             _checked_size(image, name)
             image.load()
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refusing to decode an image this large ({e}; Pillow's own limit, "
-                         "PIL.Image.MAX_IMAGE_PIXELS, applies too)") from None  # fmt: skip
+        raise ImageError(
+            f"{name}: refusing to decode an image this large ({e}; Pillow's own limit, "
+            "PIL.Image.MAX_IMAGE_PIXELS, applies too)"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -129,7 +139,9 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     """uint8 (H, W) or (H, W, C) with C in 1, 2, 3, 4 (grey, grey + alpha, RGB, RGBA) -> a PIL image."""
     shape = array.shape
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and shape[2] not in (1, 2, 3, 4)):
-        raise ImageError(f"{name}: expected a uint8 array (H, W) or (H, W, C) with C 1, 2, 3 or 4, got {array.dtype} {shape}")
+        raise ImageError(
+            f"{name}: expected a uint8 array (H, W) or (H, W, C) with C 1, 2, 3 or 4, got {array.dtype} {shape}"
+        )
     if array.ndim == 3 and shape[2] == 1:
         array = array[:, :, 0]
     if array.shape[0] == 0 or array.shape[1] == 0:
@@ -178,8 +190,10 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     try:
         return _to_rgb(image)
     except (ValueError, OSError, TypeError) as e:
-        raise ImageError(f"{name}: cannot convert a {image.mode} image to RGB ({e}); expected a mode Pillow converts "
-                         "(1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, I, I;16, F, ...)") from None  # fmt: skip
+        raise ImageError(
+            f"{name}: cannot convert a {image.mode} image to RGB ({e}); expected a mode Pillow converts "
+            "(1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, I, I;16, F, ...)"
+        ) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -297,7 +311,9 @@ class ImageConfig:
         kind = str(d.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
         defaults = PROCESSOR_DEFAULTS.get(kind)
         if defaults is None:
-            raise ImageError(f"{source}: image_processor_type {kind!r} is not supported; minivlm knows {sorted(PROCESSOR_DEFAULTS)}")
+            raise ImageError(
+                f"{source}: image_processor_type {kind!r} is not supported; minivlm knows {sorted(PROCESSOR_DEFAULTS)}"
+            )
         d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
         crop = d.get("crop_size") or {}
         crop = (crop["height"], crop["width"]) if "height" in crop else (crop.get("shortest_edge", 224),) * 2
@@ -325,23 +341,69 @@ class ImageConfig:
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # Each processor class's own defaults, for the fields a preprocessor_config.json leaves out.
 PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "CLIPImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
-                               crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-                               do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
-    "LlavaImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
-                                crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-                                do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=False),
-    "SiglipImageProcessor": dict(resample=3, do_resize=True, size={"height": 224, "width": 224}, do_rescale=True,
-                                 rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
-    "LlavaNextImageProcessor": dict(resample=3, do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
-                                    crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-                                    do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=True,
-                                    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
-    "Idefics3ImageProcessor": dict(resample=1, do_resize=True, size={"longest_edge": 4 * 364}, do_rescale=True,
-                                   rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5,) * 3,
-                                   image_std=(0.5,) * 3, do_pad=True, do_image_splitting=True,
-                                   max_image_size={"longest_edge": 364}),
-}  # fmt: skip
+    "CLIPImageProcessor": dict(
+        resample=3,
+        do_resize=True,
+        size={"shortest_edge": 224},
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ),
+    "LlavaImageProcessor": dict(
+        resample=3,
+        do_resize=True,
+        size={"shortest_edge": 224},
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_pad=False,
+    ),
+    "SiglipImageProcessor": dict(
+        resample=3,
+        do_resize=True,
+        size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=(0.5,) * 3,
+        image_std=(0.5,) * 3,
+    ),
+    "LlavaNextImageProcessor": dict(
+        resample=3,
+        do_resize=True,
+        size={"shortest_edge": 224},
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_pad=True,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    ),
+    "Idefics3ImageProcessor": dict(
+        resample=1,
+        do_resize=True,
+        size={"longest_edge": 4 * 364},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=(0.5,) * 3,
+        image_std=(0.5,) * 3,
+        do_pad=True,
+        do_image_splitting=True,
+        max_image_size={"longest_edge": 364},
+    ),
+}
 
 
 def preprocess_single(image: Image.Image, config: ImageConfig) -> np.ndarray:

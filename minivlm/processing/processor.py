@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ConnectorConfig
 from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
+from .geometry import SliceConfig
 from .image import ImageConfig, ImageError, load_image, load_video_frames, pixel_limit
-from .tiling import ImageTokens, SliceConfig, build_tiling
+from .tiling import ImageTokens, build_tiling
 from .tokenizer import Tokenizer, load_tokenizer
 
 VIDEO_TOKEN = "<video>"  # stands for a video's frames in a LLaVA-Interleave prompt
@@ -38,14 +40,22 @@ def _count_error(token: str, per_text: list[int], given: int, what: str) -> Proc
 
 class Processor:
     """A text-only checkpoint's processor. Each family is a subclass (at the end of this file) that
-    says how its settings are read and names its tiling, and a row of PROCESSORS."""
+    says how its settings are read and names its tiling; its row of load.FAMILIES names it."""
 
     family: str | None = None  # the family's name in messages; None: text-only, no images
+    hf_name: str | None = None  # transformers' processor_class, which a processor saved alone names
     tiling: str | None = None  # a row of tiling.TILINGS; an instance may name another
     videos = False  # whether a <video> may stand in a prompt (as its frames)
 
-    def __init__(self, tokenizer: Tokenizer, tokenizer_config: dict, chat_template: str | None,
-                 image_config: ImageConfig | None, tokens: ImageTokens, slicing: SliceConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        tokenizer_config: dict,
+        chat_template: str | None,
+        image_config: ImageConfig | None,
+        tokens: ImageTokens,
+        slicing: SliceConfig | None = None,
+    ):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.image_config, self.tokens, self.slicing = image_config, tokens, slicing
         self.special_tokens = self.special_tokens_of(tokenizer_config)
@@ -53,18 +63,18 @@ class Processor:
         # The most pixels one image may hold, decoded or resized; None: $MINIVLM_MAX_IMAGE_PIXELS,
         # else image.MAX_PIXELS. A prompt's length is bounded by $MINIVLM_MAX_PROMPT_CHARS (chat.py).
         self.max_image_pixels: int | None = None
+        # The model's connector, when it is not the family's own: a connector that merges patches
+        # (model.config.connector after a swap) changes each view's token count. None: as the hub's.
+        self.connector: ConnectorConfig | None = None
 
-    @staticmethod
-    def load(folder: Path, family: "type[Processor] | None" = None) -> "Processor":
-        """The processor of a checkpoint folder, as `family` (a Processor class), or else as the row
-        of PROCESSORS that processor_config.json's processor_class or config.json's model_type names."""
+    @classmethod
+    def load(cls, folder: Path) -> "Processor":
+        """This class's processor of a checkpoint folder (load.load_processor picks the class)."""
         folder = Path(folder)
         tokenizer = load_tokenizer(folder)
         tokenizer_config = read_json(folder / "tokenizer_config.json", ProcessorError)
         settings = read_json(folder / "processor_config.json", ProcessorError)
-        kind = settings.get("processor_class") or read_json(folder / "config.json", ProcessorError).get("model_type")
-        family = family or PROCESSORS.get(kind, Processor)
-        image_config, slicing = family.image_settings(folder, settings, kind)
+        image_config, slicing = cls.image_settings(folder, settings)
         tokens = ImageTokens(
             image_token=settings.get("image_token", "<image>"),
             patch_size=int(settings.get("patch_size") or 14),
@@ -73,23 +83,23 @@ class Processor:
             image_seq_len=int(settings.get("image_seq_len") or 169),
             unk_token=Processor.special_tokens_of(tokenizer_config).get("unk_token", "<unk>"),
         )
-        processor = family(tokenizer, tokenizer_config, find_chat_template(folder), image_config, tokens, slicing)
-        if family.tiling is not None and tokens.image_token not in tokenizer.token_to_id:
+        processor = cls(tokenizer, tokenizer_config, find_chat_template(folder), image_config, tokens, slicing)
+        if cls.tiling is not None and tokens.image_token not in tokenizer.token_to_id:
             raise ProcessorError(f"{folder}: the tokenizer has no {tokens.image_token!r} token")
         missing = [t for t in processor.needed_tokens() if t not in tokenizer.token_to_id]
         if missing:
-            raise ProcessorError(f"{folder}: a {family.family} tokenizer needs the tokens {missing}, which it lacks")
+            raise ProcessorError(f"{folder}: a {cls.family} tokenizer needs the tokens {missing}, which it lacks")
         return processor
 
     @classmethod
-    def image_settings(cls, folder: Path, settings: dict, kind: str | None) -> tuple[ImageConfig | None, SliceConfig | None]:
+    def image_settings(cls, folder: Path, settings: dict) -> tuple[ImageConfig | None, SliceConfig | None]:
         """The image processor's settings (none for text) and llama3v's slicing, from the checkpoint's files."""
         if cls.tiling is None:
             return None, None
         # transformers 5 nests the image processor's settings; the hub keeps preprocessor_config.json.
         image_d = settings.get("image_processor") or read_json(folder / "preprocessor_config.json", ProcessorError)
         if not image_d:
-            raise ProcessorError(f"{folder}: a {kind} checkpoint without preprocessor_config.json")
+            raise ProcessorError(f"{folder}: a {cls.family} checkpoint without preprocessor_config.json")
         return ImageConfig.from_hf(image_d, str(folder / "preprocessor_config.json")), None
 
     def needed_tokens(self) -> list[str]:
@@ -112,9 +122,15 @@ class Processor:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         if self.chat_template is None:
-            raise ChatTemplateError("this checkpoint ships no chat template (chat_template.jinja/.json or tokenizer_config.json)")
-        return render(self.chat_template, self.chat_messages(messages), add_generation_prompt,
-                      **{**self.special_tokens, **variables})  # fmt: skip
+            raise ChatTemplateError(
+                "this checkpoint ships no chat template (chat_template.jinja/.json or tokenizer_config.json)"
+            )
+        return render(
+            self.chat_template,
+            self.chat_messages(messages),
+            add_generation_prompt,
+            **{**self.special_tokens, **variables},
+        )
 
     def chat_messages(self, messages: list[dict]) -> list[dict]:
         """The messages as this family's chat template takes them."""
@@ -128,8 +144,15 @@ class Processor:
 
     # -- text and images -> model inputs -------------------------------------------------------
 
-    def __call__(self, text=None, images=None, videos=None, return_tensors: str | None = "pt",
-                 padding_side: str | None = None, add_special_tokens: bool = True) -> dict:  # fmt: skip
+    def __call__(
+        self,
+        text=None,
+        images=None,
+        videos=None,
+        return_tensors: str | None = "pt",
+        padding_side: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict:
         """text: a prompt or a list of prompts; images: the images of all prompts, in order (paths,
         PIL images, arrays); videos: one per <video> in the prompts, each a list of frames or a
         folder of frame images. Returns input_ids and attention_mask, and the family's pixel inputs."""
@@ -169,8 +192,10 @@ class Processor:
 
     def check_video_support(self) -> None:
         if not self.videos:
-            raise ProcessorError(f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
-                                 f"{self.family or 'text-only'}, which has no video support")  # fmt: skip
+            raise ProcessorError(
+                f"videos are read by LLaVA-Interleave (llava) checkpoints; this one is "
+                f"{self.family or 'text-only'}, which has no video support"
+            )
 
     def _expand_videos(self, texts: list[str], images: list, videos: list) -> tuple[list[str], list]:
         """LLaVA-Interleave reads a video as its frames, one image each (the recipe of the model's
@@ -178,11 +203,15 @@ class Processor:
         join the images at the place the <video> stands."""
         self.check_video_support()
         if not isinstance(videos, (list, tuple)):
-            raise ProcessorError(f"videos: expected a list with one video per {VIDEO_TOKEN} (each a list of frames or a "
-                                 f"folder of frame images), got {type(videos).__name__}")  # fmt: skip
+            raise ProcessorError(
+                f"videos: expected a list with one video per {VIDEO_TOKEN} (each a list of frames or a "
+                f"folder of frame images), got {type(videos).__name__}"
+            )
         for i, v in enumerate(videos):
             if not isinstance(v, (str, Path, list, tuple, np.ndarray)):
-                raise ProcessorError(f"video {i}: expected a list of frames or a folder of frame images, got {type(v).__name__}")
+                raise ProcessorError(
+                    f"video {i}: expected a list of frames or a folder of frame images, got {type(v).__name__}"
+                )
         token = self.tokens.image_token
         counts = [t.count(VIDEO_TOKEN) for t in texts]
         if sum(counts) != len(videos):
@@ -242,12 +271,15 @@ class Processor:
 
     def _family_images(self, images: list, per_text: list[int]) -> tuple[dict, list[str]]:
         try:
-            tiling = build_tiling(self.tiling, self.image_config, self.tokens, self.slicing)
+            tiling = build_tiling(self.tiling, self.image_config, self.tokens, self.slicing, self.connector)
         except KeyError as e:
             raise ProcessorError(e.args[0]) from None
-        if self.tokens.pool != 1 and not tiling.pools:
-            raise ProcessorError(f"pool {self.tokens.pool}: a pooling connector is supported for LLaVA's one-view "
-                                 f"images, not {self.family} (its tiling {self.tiling!r})")  # fmt: skip
+        if self.connector is not None and not tiling.follows_connector:
+            raise ProcessorError(
+                f"processor.connector ({self.connector.kind!r}): the token count of {self.family}'s "
+                f"tiling {self.tiling!r} does not follow a connector; a swapped connector is "
+                "supported with LLaVA's one-view tiling"
+            )
         return tiling(images, per_text)
 
 
@@ -276,13 +308,19 @@ def _flat_images(images, texts: list[str], token: str) -> list:
     if not any(nested):
         return list(images)
     if not all(nested):
-        raise ProcessorError("images: expected either a flat list of images or one list of images per prompt, not a mix")
+        raise ProcessorError(
+            "images: expected either a flat list of images or one list of images per prompt, not a mix"
+        )
     if len(images) != len(texts):
-        raise ProcessorError(f"images: {len(images)} lists of images for {len(texts)} prompts; give one list per prompt")
+        raise ProcessorError(
+            f"images: {len(images)} lists of images for {len(texts)} prompts; give one list per prompt"
+        )
     for i, (t, group) in enumerate(zip(texts, images)):
         if t.count(token) != len(group):
-            raise ProcessorError(f"prompt {i} has {t.count(token)} {token} tokens but its list holds {len(group)} images; "
-                                 f"give each prompt's list one image per {token} in that prompt")  # fmt: skip
+            raise ProcessorError(
+                f"prompt {i} has {t.count(token)} {token} tokens but its list holds {len(group)} images; "
+                f"give each prompt's list one image per {token} in that prompt"
+            )
     return [img for group in images for img in group]
 
 
@@ -302,19 +340,19 @@ def _describe(value) -> str:
 class LlavaProcessor(Processor):
     """LLaVA-1.5 and LLaVA-Interleave: one view per image; Interleave reads videos as frames."""
 
-    family, tiling, videos = "llava", "one_view", True
+    family, hf_name, tiling, videos = "llava", "LlavaProcessor", "one_view", True
 
 
 class LlavaNextProcessor(Processor):
     """LLaVA-NeXT: anyres tiles."""
 
-    family, tiling = "llava_next", "anyres"
+    family, hf_name, tiling = "llava_next", "LlavaNextProcessor", "anyres"
 
 
 class Idefics3Processor(Processor):
     """Idefics3 / SmolVLM: split into tiles plus a global image, with row/col markers."""
 
-    family, tiling = "idefics3", "idefics3"
+    family, hf_name, tiling = "idefics3", "Idefics3Processor", "idefics3"
 
 
 class Llama3VProcessor(Processor):
@@ -323,7 +361,7 @@ class Llama3VProcessor(Processor):
     family, tiling = "llama3v", "llama3v_slices"
 
     @classmethod
-    def image_settings(cls, folder: Path, settings: dict, kind: str | None) -> tuple[ImageConfig, SliceConfig]:
+    def image_settings(cls, folder: Path, settings: dict) -> tuple[ImageConfig, SliceConfig]:
         return _llama3v_settings(read_json(folder / "config.json", ProcessorError), folder)
 
     def needed_tokens(self) -> list[str]:
@@ -333,29 +371,26 @@ class Llama3VProcessor(Processor):
         return [_joined_content(m, self.tokens.image_token) for m in messages]
 
 
-# processor_config.json's processor_class, or else config.json's model_type -> the processor. A
-# new family, or a variant, is a subclass above and a row here (and its row in load.FAMILIES).
-PROCESSORS: dict[str, type[Processor]] = {
-    "LlavaProcessor": LlavaProcessor, "LlavaNextProcessor": LlavaNextProcessor, "Idefics3Processor": Idefics3Processor,
-    "llava": LlavaProcessor, "llava_next": LlavaNextProcessor, "idefics3": Idefics3Processor,
-    "llama3v": Llama3VProcessor,
-}  # fmt: skip
-
-
 def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
     """llama3v ships no preprocessor_config.json: MiniCPM-V normalises with mean = std = 0.5 after
     scaling to [0, 1], resizes with bicubic, and takes the slicing settings from config.json."""
     image_config = ImageConfig(processor_type="llama3v", resample=3, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     try:
         slicing = SliceConfig(
-            scale_resolution=int(config.get("image_size", 448)), patch_size=int(config.get("patch_size", 14)),
-            max_slices=int(config.get("max_slice_nums", 9)), query_num=int(config.get("query_num", 96)),
+            scale_resolution=int(config.get("image_size", 448)),
+            patch_size=int(config.get("patch_size", 14)),
+            max_slices=int(config.get("max_slice_nums", 9)),
+            query_num=int(config.get("query_num", 96)),
             slice_mode=bool(config.get("slice_mode", True)),
-        )  # fmt: skip
+        )
     except (TypeError, ValueError):
-        raise ProcessorError(f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be integers") from None
+        raise ProcessorError(
+            f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be integers"
+        ) from None
     if min(slicing.scale_resolution, slicing.patch_size, slicing.max_slices, slicing.query_num) < 1:
-        raise ProcessorError(f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be positive")
+        raise ProcessorError(
+            f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be positive"
+        )
     return image_config, slicing
 
 
@@ -366,7 +401,9 @@ def _joined_content(message: dict, image_token: str) -> dict:
     if not isinstance(content, list):
         return message
     if not all(isinstance(part, dict) for part in content):
-        raise ChatTemplateError(f"a message's content list holds {[type(p).__name__ for p in content]}; expected dicts "
-                                "such as {'type': 'text', 'text': ...} and {'type': 'image'}")  # fmt: skip
+        raise ChatTemplateError(
+            f"a message's content list holds {[type(p).__name__ for p in content]}; expected dicts "
+            "such as {'type': 'text', 'text': ...} and {'type': 'image'}"
+        )
     parts = [image_token if part.get("type") == "image" else str(part.get("text", "")) for part in content]
     return {**message, "content": "\n".join(parts)}

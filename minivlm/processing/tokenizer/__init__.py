@@ -12,5 +12,12 @@ from .bytelevel import BPETokenizer
 from .loader import load_tokenizer
 from .sentencepiece import SentencePieceTokenizer
 
-__all__ = ["AddedToken", "BPETokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "TokenizerError",
-           "load_tokenizer"]
+__all__ = [
+    "AddedToken",
+    "BPETokenizer",
+    "SentencePieceTokenizer",
+    "StreamDecoder",
+    "Tokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+]

@@ -32,7 +32,8 @@ class AddedToken:
 
 
 def added_token(i: int | str, entry: dict[str, Any]) -> AddedToken:
-    """An added token as tokenizer.json's `added_tokens` and tokenizer_config.json's `added_tokens_decoder` write one."""
+    """An added token as tokenizer.json's `added_tokens` and tokenizer_config.json's
+    `added_tokens_decoder` write one."""
     flags = {name: bool(entry.get(name)) for name in ("special", "lstrip", "rstrip", "single_word")}
     if not isinstance(entry.get("content"), str) or not entry["content"]:
         raise TokenizerError(f"added token {i}: expected a non-empty 'content' string, got {entry.get('content')!r}")
@@ -42,7 +43,9 @@ def added_token(i: int | str, entry: dict[str, Any]) -> AddedToken:
 
 # Rust's char::is_whitespace (Unicode White_Space), which tokenizers strips: not Python's isspace(),
 # which also takes the separators \x1c-\x1f.
-WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
+WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)
+}
 WORD_CHAR = regex.compile(r"\w")  # Unicode \w, as the Rust regex that single_word tokens check
 
 
@@ -88,8 +91,7 @@ class Tokenizer:
     padding_side = "right"  # where transformers' tokenizer class pads when the config does not say
     normalize = None  # the model's normalizer (str -> str) where it has one; set before __init__ runs
 
-    def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int],
-                 suffix: list[int]):  # fmt: skip
+    def __init__(self, added: dict[int, AddedToken], token_to_id: dict[str, int], prefix: list[int], suffix: list[int]):
         self.added = added
         self.token_to_id = token_to_id
         self.prefix, self.suffix = prefix, suffix
@@ -111,8 +113,10 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate: no bytes to tokenize (transformers raises too)
-            raise ValueError(f"the text holds {text[e.start]!r} at position {e.start}, which is not a character "
-                             "UTF-8 can encode (a lone surrogate)") from None
+            raise ValueError(
+                f"the text holds {text[e.start]!r} at position {e.start}, which is not a character "
+                "UTF-8 can encode (a lone surrogate)"
+            ) from None
         ids: list[int] = []
         for start, segment, added in self._split_added(text, split_special_tokens):
             if added is not None:
@@ -196,7 +200,9 @@ def post_processor_ids(spec: dict | None, token_to_id: dict[str, int], source: s
             prefix, suffix = prefix + p, s + suffix
         return prefix, suffix
     if spec.get("type") != "TemplateProcessing":
-        raise TokenizerError(f"{source}: post-processor {spec.get('type')!r} is not supported (TemplateProcessing, ByteLevel)")
+        raise TokenizerError(
+            f"{source}: post-processor {spec.get('type')!r} is not supported (TemplateProcessing, ByteLevel)"
+        )
     prefix, suffix, seen_a = [], [], False
     for item in spec["single"]:
         if "Sequence" in item:

@@ -22,9 +22,17 @@ CACHE_SIZE = 65536  # words; the cache is emptied when full (a long text of new 
 
 
 class BPE:
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, ignore_merges: bool = False,
-                 byte_fallback: bool = False, unk_token: str | None = None, fuse_unk: bool = False,
-                 source: str = "tokenizer.json"):  # fmt: skip
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        ignore_merges: bool = False,
+        byte_fallback: bool = False,
+        unk_token: str | None = None,
+        fuse_unk: bool = False,
+        source: str = "tokenizer.json",
+    ):
         self.vocab = vocab
         self.ignore_merges = ignore_merges
         self.byte_fallback = byte_fallback

@@ -80,11 +80,19 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{source}: model type {model.get('type')!r}; BPETokenizer reads byte-level BPE")
         for name in ("continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(name):
-                raise TokenizerError(f"{source}: BPE {name} {model[name]!r} is not supported in a byte-level vocabulary")
+                raise TokenizerError(
+                    f"{source}: BPE {name} {model[name]!r} is not supported in a byte-level vocabulary"
+                )
         vocab: dict[str, int] = model.get("vocab") or {}
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-        self.bpe = BPE(vocab, merges, ignore_merges=bool(model.get("ignore_merges")), source=source,
-                       unk_token=model.get("unk_token"), fuse_unk=bool(model.get("fuse_unk")))  # fmt: skip
+        self.bpe = BPE(
+            vocab,
+            merges,
+            ignore_merges=bool(model.get("ignore_merges")),
+            source=source,
+            unk_token=model.get("unk_token"),
+            fuse_unk=bool(model.get("fuse_unk")),
+        )
         # Decoding: every vocab token's bytes; a token outside the byte table (rare) as its UTF-8.
         self.id_to_bytes = {i: byte_level_bytes(t) or t.encode() for t, i in vocab.items()}
         for i, token in added.items():  # the ByteLevel decoder maps added tokens through the table too
@@ -166,7 +174,9 @@ def _normalizers(spec: dict | None, source: str) -> list:
         return [lambda text, form=kind: unicodedata.normalize(form, text)]
     if kind == "Lowercase":
         return [str.lower]
-    raise TokenizerError(f"{source}: normalizer {kind!r} is not supported in byte-level BPE (NFC, NFD, NFKC, NFKD, Lowercase)")
+    raise TokenizerError(
+        f"{source}: normalizer {kind!r} is not supported in byte-level BPE (NFC, NFD, NFKC, NFKD, Lowercase)"
+    )
 
 
 # Split behaviours of tokenizers' pre-tokenizers: what happens to a match and the text around it.

@@ -18,7 +18,10 @@ from .sentencepiece import SentencePieceTokenizer
 LLAMA_TOKENIZER_CLASSES = {None, "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
 
 # Qwen2Tokenizer's pre-tokenizer pattern (transformers' models/qwen2/tokenization_qwen2.py).
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def byte_level_pipeline(spec: dict, config: dict) -> dict:
@@ -34,9 +37,13 @@ def byte_level_pipeline(spec: dict, config: dict) -> dict:
         pre = {"type": "ByteLevel", "add_prefix_space": bool(config.get("add_prefix_space")), "use_regex": True}
         return {**spec, "model": model, "normalizer": None, "pre_tokenizer": pre}
     if name == "Qwen2Tokenizer":
-        pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": bool(config.get("add_prefix_space")), "use_regex": False}]}  # fmt: skip
+        pre = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": bool(config.get("add_prefix_space")), "use_regex": False},
+            ],
+        }
         return {**spec, "model": model, "normalizer": {"type": "NFC"}, "pre_tokenizer": pre}
     return spec
 
@@ -64,7 +71,9 @@ def _load(path: Path, model_path: Path, config: dict) -> Tokenizer:
         spec = read_json(path, TokenizerError)
         model = spec.get("model") or {}
         added = {t["id"]: added_token(t["id"], t) for t in spec.get("added_tokens") or []}
-        if model.get("type") == "BPE" and (model.get("byte_fallback") or "Metaspace" in json.dumps(spec.get("pre_tokenizer"))):
+        if model.get("type") == "BPE" and (
+            model.get("byte_fallback") or "Metaspace" in json.dumps(spec.get("pre_tokenizer"))
+        ):
             _check_llama_class(config, path)
             return SentencePieceTokenizer.from_json(spec, added, config, str(path))
         return BPETokenizer(byte_level_pipeline(spec, config), added, str(path))

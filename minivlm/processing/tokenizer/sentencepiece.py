@@ -41,10 +41,19 @@ class SentencePieceTokenizer(Tokenizer):
     strip_first_space = True
     padding_side = "left"  # LlamaTokenizer's class default
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[int, AddedToken],
-                 config: dict[str, Any], post_processor: dict | None, source: str):  # fmt: skip
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        added: dict[int, AddedToken],
+        config: dict[str, Any],
+        post_processor: dict | None,
+        source: str,
+    ):
         self.pieces = {i: p for p, i in vocab.items()}
-        self.byte_of = {i: int(m.group(1), 16) for p, i in vocab.items() if (m := BYTE_PIECE.fullmatch(p)) and i not in added}
+        self.byte_of = {
+            i: int(m.group(1), 16) for p, i in vocab.items() if (m := BYTE_PIECE.fullmatch(p)) and i not in added
+        }
         # transformers' LlamaTokenizer: BPE(byte_fallback=True, fuse_unk=True) and no unknown token.
         self.bpe = BPE(vocab, merges, byte_fallback=True, fuse_unk=True, source=source)
         # Cut before a "▁" that follows another character, unless some piece spans such a place.
@@ -89,14 +98,18 @@ class SentencePieceTokenizer(Tokenizer):
         # The unknown piece (<unk>) and control pieces (<s>, </s>) are special added tokens, matched
         # whole in the text as transformers matches them; user-defined pieces plain added ones.
         kinds = piece_types(data)
-        added = {i: AddedToken(i, piece, kinds[i] != USER_DEFINED) for i, piece in enumerate(pieces)
-                 if kinds[i] in (UNKNOWN, CONTROL, USER_DEFINED)}  # fmt: skip
+        added = {
+            i: AddedToken(i, piece, kinds[i] != USER_DEFINED)
+            for i, piece in enumerate(pieces)
+            if kinds[i] in (UNKNOWN, CONTROL, USER_DEFINED)
+        }
         added.update(config_added_tokens(config, vocab))
         return cls(vocab, generate_merges(vocab), added, config, None, str(path))
 
     @classmethod
-    def from_json(cls, spec: dict[str, Any], added: dict[int, AddedToken], config: dict[str, Any],
-                  source: str) -> "SentencePieceTokenizer":  # fmt: skip
+    def from_json(
+        cls, spec: dict[str, Any], added: dict[int, AddedToken], config: dict[str, Any], source: str
+    ) -> "SentencePieceTokenizer":
         """From the vocab and merges of a SentencePiece-style tokenizer.json. Its normalizer and
         pre-tokenizer are not read: transformers 5's LlamaTokenizer replaces them by its own."""
         model = spec["model"]
@@ -143,10 +156,14 @@ def generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     """transformers' merge list for a tokenizer.model (tokenization_utils_base.generate_merges):
     every split l + r of a piece into two pieces, ranked by the id of l + r, then by len(l)."""
     return sorted(
-        ((piece[:k], piece[k:]) for piece in vocab for k in range(1, len(piece))
-         if piece[:k] in vocab and piece[k:] in vocab),
+        (
+            (piece[:k], piece[k:])
+            for piece in vocab
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ),
         key=lambda pair: (vocab[pair[0] + pair[1]], len(pair[0])),
-    )  # fmt: skip
+    )
 
 
 def _utf8_or_replacement(run: bytearray) -> str:
@@ -177,7 +194,11 @@ def piece_types(data: bytes) -> list[int]:
     API tells control and unknown pieces, not user-defined ones). ModelProto field 1 repeats
     SentencePiece {1: piece, 2: score, 3: type (default NORMAL = 1)}; this walks the protobuf wire
     format for just that."""
-    return [next((v for f, v in _protobuf_fields(value) if f == 3), 1) for field, value in _protobuf_fields(data) if field == 1]
+    return [
+        next((v for f, v in _protobuf_fields(value) if f == 3), 1)
+        for field, value in _protobuf_fields(data)
+        if field == 1
+    ]
 
 
 def _protobuf_fields(data: bytes):
