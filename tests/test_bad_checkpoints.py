@@ -17,12 +17,12 @@ import struct
 
 import pytest
 import torch
-from checkpoints import read_folder_tensors, save_sharded
-from families import tiny_checkpoint
 
 import minivlm
 from minivlm import CheckpointError, ConfigError, ProcessorError
 from minivlm.__main__ import main
+from minivlm.bench.tiny import tiny_checkpoint
+from minivlm.bench.tiny.models import read_folder_tensors, save_sharded
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import build_vlm_model, save_checkpoint
 from PIL import Image
 from test_cli import CHATML, transformers_answer
 from test_end_to_end import interleave_checkpoint
@@ -27,6 +26,7 @@ import minivlm.generation
 import minivlm.generation_checks
 from minivlm import GenerationError
 from minivlm.__main__ import main
+from minivlm.bench.tiny.models import build_vlm_model, save_checkpoint
 from minivlm.conversation import Conversation
 
 NEW = 12
@@ -502,7 +502,7 @@ def test_nan_weights_are_an_error_not_an_empty_answer(checkpoint, tmp_path):
 
 
 def test_video_frames_on_a_family_without_videos_is_refused(tmp_path, capsys):
-    from families import tiny_checkpoint
+    from minivlm.bench.tiny import tiny_checkpoint
 
     folder = tiny_checkpoint("llava-next", tmp_path / "next")
     frames = tmp_path / "frames"

@@ -13,11 +13,12 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from test_llama3v import TEMPLATE as LLAMA3V_TEMPLATE
-from test_processor import FAMILIES, build, build_llava15
 
 import minivlm
 from minivlm import ProcessorError
+from minivlm.bench.tiny.llama3v import TEMPLATE as LLAMA3V_TEMPLATE
+from minivlm.bench.tiny.processors import PROCESSORS
+from minivlm.bench.tiny.vocab import build_llava15, train_bpe
 from minivlm.processing.chat import ChatTemplateError, find_chat_template, render
 from minivlm.processing.geometry import anyres_token_count, unpadded_size
 from minivlm.processing.image import ImageError, load_image
@@ -29,12 +30,12 @@ def folders(tmp_path_factory):
     out = {}
     for name in ("llava15", "next", "interleave", "idefics3"):
         folder = out[name] = tmp_path_factory.mktemp(name)
-        build_llava15(folder) if name == "llava15" else build("smollm2" if name == "idefics3" else "qwen2", folder)
+        build_llava15(folder) if name == "llava15" else train_bpe("smollm2" if name == "idefics3" else "qwen2", folder)
         tok = transformers.AutoTokenizer.from_pretrained(folder)
         tok.pad_token = tok.pad_token or "<|endoftext|>"
-        FAMILIES[name](tok).save_pretrained(folder)
+        PROCESSORS[name](tok).save_pretrained(folder)
     folder = out["llama3v"] = tmp_path_factory.mktemp("llama3v")
-    build("llama3v", folder)
+    train_bpe("llama3v", folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(
         json.dumps({**config, "chat_template": LLAMA3V_TEMPLATE, "pad_token": "!"})

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import transformers
 from PIL import Image
-from test_tokenizer import build
 
+from minivlm.bench.tiny.vocab import train_bpe
 from minivlm.processing.chat import ChatTemplateError, find_chat_template, render
 
 TEMPLATES = {
@@ -78,7 +78,7 @@ STRING_CONVERSATION = [
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    build("llama3", folder)
+    train_bpe("llama3", folder)
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 

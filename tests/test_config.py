@@ -6,8 +6,8 @@ import json
 
 import pytest
 import transformers
-from checkpoints import TEXT_CONFIGS, build_text_model, hub_config
 
+from minivlm.bench.tiny.models import TEXT_CONFIGS, build_text_model, hub_config
 from minivlm.config import TextConfig
 from minivlm.load import config_from_hf
 

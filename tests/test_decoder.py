@@ -18,9 +18,9 @@ import warnings
 import pytest
 import torch
 import transformers
-from checkpoints import TEXT_CONFIGS, build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 
 import minivlm
+from minivlm.bench.tiny.models import TEXT_CONFIGS, build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 
 FP32_TOL = 1e-5
 BF16_TOL = 2**-8

@@ -9,19 +9,19 @@ import json
 import numpy as np
 import torch
 import transformers
-from checkpoints import randomize_, save_checkpoint
 from PIL import Image
-from test_processor import TEMPLATE
-from test_tokenizer import build
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import minivlm
+from minivlm.bench.tiny.models import randomize_, save_checkpoint
+from minivlm.bench.tiny.processors import TEMPLATE
+from minivlm.bench.tiny.vocab import train_bpe
 
 
 def interleave_checkpoint(folder) -> transformers.LlavaForConditionalGeneration:
     """A complete tiny LLaVA-Interleave checkpoint folder (weights in the hub layout, tokenizer,
     processor settings, chat template, generation config); returns transformers' model of it."""
-    build("qwen2", folder)  # tokenizer.json with <image> among its special tokens
+    train_bpe("qwen2", folder)  # tokenizer.json with <image> among its special tokens
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     tok.pad_token = "<|endoftext|>"
     processor = transformers.LlavaProcessor(

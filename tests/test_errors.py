@@ -8,10 +8,10 @@ import struct
 
 import pytest
 import torch
-from checkpoints import build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 
 import minivlm
 from minivlm import CheckpointError, ConfigError
+from minivlm.bench.tiny.models import build_text_model, read_folder_tensors, save_checkpoint, save_sharded
 from minivlm.config import TextConfig
 from minivlm.decoder import DecoderLM
 from minivlm.weights import KeyTable, load_weights

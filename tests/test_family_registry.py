@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
-from families import tiny_checkpoint
 from PIL import Image
 
 import minivlm
 import minivlm.load
 import minivlm.processing.tiling
+from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.family_config import llava_config
 from minivlm.load import Family
 from minivlm.parity import ParityMap

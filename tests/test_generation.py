@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 import transformers
-from checkpoints import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
 from test_vlm import batch
 
 import minivlm
+from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
 from minivlm.generation import (
     GenerationError,
     Sampling,
@@ -232,12 +232,11 @@ class Scripted(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from test_tokenizer import build
-
+    from minivlm.bench.tiny.vocab import train_bpe
     from minivlm.processing.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("qwen2_tok")
-    build("qwen2", folder)
+    train_bpe("qwen2", folder)
     return load_tokenizer(folder)
 
 

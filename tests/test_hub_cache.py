@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import read_folder_tensors, save_sharded
-from families import tiny_checkpoint
 from PIL import Image
 
 import minivlm
 from minivlm import CheckpointError
+from minivlm.bench.tiny import tiny_checkpoint
+from minivlm.bench.tiny.models import read_folder_tensors, save_sharded
 
 REPO_ID = "llava-hf/llava-interleave-qwen-0.5b-hf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

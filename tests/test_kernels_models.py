@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
 from test_generation import hf_generate
 from test_vlm import FP32_TOL, batch, rel_err
 
 import minivlm
+from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
 
 pytest.importorskip("triton", reason="the kernels need triton")
 
@@ -58,7 +58,9 @@ def test_text_model_through_kernels_matches_transformers(name, tmp_path):
 
 
 def test_llama3v_through_kernels_matches_its_reference(tmp_path):
-    from test_llama3v import llama3v_checkpoint, photo, reference_greedy
+    from test_llama3v import photo, reference_greedy
+
+    from minivlm.bench.tiny.llama3v import llama3v_checkpoint
 
     ref = llama3v_checkpoint(tmp_path)
     model, processor = minivlm.load_model(tmp_path), minivlm.load_processor(tmp_path)

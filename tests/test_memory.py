@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 import transformers
-from checkpoints import build_text_model, save_checkpoint
+
+from minivlm.bench.tiny.models import build_text_model, save_checkpoint
 
 CHILD = r"""
 import json, sys, torch, minivlm

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from families import tiny_checkpoint
 
 from minivlm import load
 from minivlm.__main__ import main
+from minivlm.bench.tiny import tiny_checkpoint
 
 TWINS = ["llava-1.5", "llava-next", "llava-interleave", "idefics3", "qwen2-text"]
 

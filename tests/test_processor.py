@@ -9,52 +9,24 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from test_sentencepiece import build_llava15
-from test_tokenizer import build
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import minivlm
 from minivlm import ProcessorError
+from minivlm.bench.tiny.processors import PROCESSORS
+from minivlm.bench.tiny.vocab import build_llava15, train_bpe
 from minivlm.processing.image import ImageError
 
-CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
-    "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-FAMILIES = {
-    "llava15": lambda tok: transformers.LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TEMPLATE),
-    "clip_full": lambda tok: transformers.LlavaProcessor(  # CLS kept: 577 tokens, the count terms do not cancel
-        image_processor=CLIPImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="full", num_additional_image_tokens=1, chat_template=TEMPLATE),
-    "interleave": lambda tok: transformers.LlavaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=TEMPLATE),
-    "next": lambda tok: transformers.LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(**CLIP_336), tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TEMPLATE),
-    "idefics3": lambda tok: transformers.Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 728}), tokenizer=tok, image_seq_len=169,
-        chat_template=TEMPLATE),
-}  # fmt: skip
 
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(PROCESSORS))
 def processors(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     if request.param == "llava15":
         build_llava15(folder)  # SentencePiece, as LLaVA-1.5's Vicuna tokenizer
     else:
-        build("smollm2" if request.param == "idefics3" else "qwen2", folder)
+        train_bpe("smollm2" if request.param == "idefics3" else "qwen2", folder)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.pad_token or "<|endoftext|>"
-    FAMILIES[request.param](tok).save_pretrained(folder)
+    PROCESSORS[request.param](tok).save_pretrained(folder)
     return transformers.AutoProcessor.from_pretrained(folder), minivlm.load_processor(folder)
 
 

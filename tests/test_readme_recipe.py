@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from families import tiny_checkpoint
 from PIL import Image
 
 import minivlm
 import minivlm.connector
 import minivlm.processing.tiling
+from minivlm.bench.tiny import tiny_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHECKPOINT = '"weights/llava-interleave-qwen-0.5b-hf"'

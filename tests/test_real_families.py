@@ -16,12 +16,12 @@ import matplotlib
 import pytest
 import torch
 import transformers
-from families import tiny_checkpoint
 from PIL import Image
 from real_files import real_folder
 
 import minivlm
 from minivlm.__main__ import main
+from minivlm.bench.tiny import tiny_checkpoint
 
 VOCABULARY = {"llava-1.5": "mistral", "llava-next": "qwen3", "llava-interleave": "qwen3", "idefics3": "llama3"}
 PHOTOS = [

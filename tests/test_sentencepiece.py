@@ -5,17 +5,14 @@ transformers saves. Expected: identical ids and identical decoded text."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
-import sentencepiece
 import transformers
-from test_tokenizer import PROMPTS
 
+from minivlm.bench.tiny.vocab import LLAVA15_CONFIG, PROMPTS, train_sentencepiece
 from minivlm.processing.tokenizer import SentencePieceTokenizer, StreamDecoder, TokenizerError, load_tokenizer
 
-VOCAB = 700
 # Text where SentencePiece's rules show: leading and doubled spaces, added tokens with and without
 # spaces around them, the user-defined piece, characters outside the vocab (byte fallback).
 SP_PROMPTS = PROMPTS + [
@@ -24,21 +21,9 @@ SP_PROMPTS = PROMPTS + [
 ]  # fmt: skip
 
 
-def special(content: str) -> dict:
-    return {
-        "content": content,
-        "special": True,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "single_word": False,
-    }
-
-
 VARIANTS = {
     # LLaVA-1.5's tokenizer_config: <image> and <pad> are added past the SentencePiece vocab.
-    "llava15": {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-                "pad_token": "<pad>", "added_tokens_decoder": {str(VOCAB): special("<image>"), str(VOCAB + 1): special("<pad>")}},
+    "llava15": LLAVA15_CONFIG,
     # legacy=true: a "▁" goes in front of the text after every added token too.
     "legacy": {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False},
     "no_prefix_space": {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
@@ -47,39 +32,9 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def train(byte_fallback: bool = True) -> bytes:
-    """A Llama-2-like SentencePiece model: BPE, byte fallback, digits split, no normaliser, spaces kept."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(PROMPTS[:10] * 20),
-        model_writer=model,
-        vocab_size=VOCAB,
-        model_type="bpe",
-        byte_fallback=byte_fallback,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        character_coverage=0.99,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        allow_whitespace_only_pieces=True,
-        user_defined_symbols=["<sep>"],
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
 @pytest.fixture(scope="module")
 def model_bytes():
-    return train()
-
-
-def build_llava15(folder) -> None:
-    """A LLaVA-1.5-style tokenizer folder: tokenizer.model and its tokenizer_config.json."""
-    (folder / "tokenizer.model").write_bytes(train())
-    (folder / "tokenizer_config.json").write_text(json.dumps(VARIANTS["llava15"]))
+    return train_sentencepiece()
 
 
 @pytest.fixture(scope="module", params=[(v, layout) for v in VARIANTS for layout in ("model", "json")], ids=str)
@@ -148,7 +103,7 @@ def test_segments_are_cut_into_cached_words(tmp_path, model_bytes):
 def test_without_byte_fallback(tmp_path):
     """A model without byte pieces: transformers drops a character that has no piece (its
     LlamaTokenizer's BPE has no unknown token), and the neighbours of that character may then merge."""
-    (tmp_path / "tokenizer.model").write_bytes(train(byte_fallback=False))
+    (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(byte_fallback=False))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(VARIANTS["llava15"]))
     hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
     for text in SP_PROMPTS + ["x😀y", "😀😀 ٣♞"]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from checkpoints import VLM_CONFIGS, build_vlm_model, save_checkpoint
 from vlm_inputs import IMAGE_TOKEN, hf_feature_counts, idefics3_pixels, llava_pixels, next_pixels, prompt_with_images
 
 import minivlm
+from minivlm.bench.tiny.models import VLM_CONFIGS, build_vlm_model, save_checkpoint
 
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2

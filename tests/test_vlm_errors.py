@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from checkpoints import build_vlm_model, save_checkpoint
 from vlm_inputs import IMAGE_TOKEN, hf_feature_counts, idefics3_pixels, llava_pixels, next_pixels, prompt_with_images
 
 import minivlm
 from minivlm import ConfigError
+from minivlm.bench.tiny.models import build_vlm_model, save_checkpoint
 from minivlm.config import ConnectorConfig
 from minivlm.connector import build_connector
 

@@ -5,9 +5,13 @@ generation config and random weights in the hub's key layout. Widths and depths 
 forward pass takes a moment on a CPU, but image sizes, patch sizes, tile grids, NeXT's pinpoints
 and llama3v's slicing are the real ones: the image-token counts are the real counts.
 
-Used by the tests of `minivlm parity` and the README's recipe, and by the notebooks (when weights/
-holds no real checkpoint).
-Built with transformers, like every test checkpoint.
+Used by the tests (the parity tests, the README's recipes, the real-vocabulary tests) and by the
+notebooks when weights/ holds no real checkpoint. Built with transformers (the test extra), like
+every test checkpoint; the parts are in this package:
+- models.py: the tiny configs, random weights, and saving in the hub's layout;
+- vocab.py: tokenizers trained here in seconds with each family's pipeline;
+- processors.py: transformers' processors of each family, with its real image sizes;
+- llama3v.py: llama3v, which transformers has no class for, from reference parts.
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
-from checkpoints import CLIP, SIGLIP, randomize_, save_checkpoint
-from test_llama3v import llama3v_checkpoint
-from test_processor import FAMILIES as PROCESSORS
-from test_sentencepiece import build_llava15
-from test_tokenizer import SPECIALS
-from test_tokenizer import build as build_bpe
+
+try:
+    import transformers
+except ImportError:
+    raise ImportError(
+        'minivlm.bench.tiny builds its checkpoints with transformers: pip install "minivlm[test]"'
+    ) from None
+
+from .llama3v import llama3v_checkpoint
+from .models import CLIP, SIGLIP, randomize_, save_checkpoint
+from .processors import PROCESSORS
+from .vocab import SPECIALS, build_llava15, train_bpe
 
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would fill notebook outputs
 
@@ -30,7 +39,7 @@ CLIP_L = dict(CLIP, image_size=336)  # the tests' tiny CLIP (head_dim 64) on CLI
 SIGLIP_384 = dict(SIGLIP, image_size=384)  # the tests' tiny SigLIP (head_dim 72) on so400m's 729 tokens
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
 
-# family -> (its tokenizer, its processor in tests/test_processor.py)
+# family -> (its tokenizer, its processor in processors.py)
 FAMILIES = {
     "llava-1.5": ("sentencepiece", "llava15"),
     "llava-next": ("qwen2", "next"),
@@ -96,8 +105,9 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
 
 
 def real_tokenizer(family: str, source: Path, folder: Path) -> None:
-    """The real vocabulary in `source` (a folder of tests/real_files.py) as `family`'s tokenizer: its
-    files copied, then the family's image tokens added by transformers, as the checkpoint's authors did."""
+    """The real vocabulary in `source` (a tokenizer folder, such as tests/real_files.py fetches) as
+    `family`'s tokenizer: its files copied, then the family's image tokens added by transformers, as
+    the checkpoint's authors did."""
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         if (source / name).is_file():
             (folder / name).write_bytes((source / name).read_bytes())
@@ -111,7 +121,8 @@ def real_tokenizer(family: str, source: Path, folder: Path) -> None:
 
 def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = None) -> Path:
     """Write the tiny checkpoint of `family` into `folder` and return the folder; with the real
-    `vocabulary` folder of tests/real_files.py as its tokenizer when given, else one trained here."""
+    `vocabulary` folder (a real tokenizer: tests/real_files.py fetches them) as its tokenizer when
+    given, else one trained here (vocab.py)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = FAMILIES[family]
@@ -131,7 +142,7 @@ def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = N
     elif tokenizer == "sentencepiece":
         build_llava15(folder)
     else:
-        build_bpe(tokenizer, folder)
+        train_bpe(tokenizer, folder)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.pad_token or "<|endoftext|>"
     torch.manual_seed(0)
