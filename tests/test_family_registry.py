@@ -19,7 +19,7 @@ from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.family_config import llava_config
 from minivlm.load import Family
 from minivlm.parity import ParityMap
-from minivlm.processing.image import preprocess_single
+from minivlm.processing.pixels import preprocess_single
 from minivlm.processing.processor import LlavaProcessor
 from minivlm.processing.tiling import OneView
 from minivlm.vlm import Llava

@@ -17,7 +17,8 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from minivlm.processing.geometry import anyres_tiles, idefics3_tiles
-from minivlm.processing.image import ImageConfig, ImageError, load_image, preprocess_single
+from minivlm.processing.image import ImageError, load_image
+from minivlm.processing.pixels import ImageConfig, preprocess_single
 
 CLIP_336 = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 PROCESSORS = {

@@ -150,7 +150,7 @@ def test_slicing_matches_hand_worked_sizes(size, overview, grid, cell):
 
 def test_slicing_pixels_and_placeholder():
     from minivlm.processing.geometry import llama3v_slices
-    from minivlm.processing.image import ImageConfig
+    from minivlm.processing.pixels import ImageConfig
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1920, 3), dtype=np.uint8))
     config = ImageConfig(processor_type="llama3v", image_mean=(0.5,) * 3, image_std=(0.5,) * 3)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .image import ImageConfig, ImageError, preprocess_pixels, rescale_normalize, resize, to_array
+from .image import ImageError
+from .pixels import ImageConfig, preprocess_pixels, rescale_normalize, resize, to_array
 
 
 def _positive(height, width, what: str = "image size") -> None:

@@ -18,7 +18,8 @@ from ..config import ConnectorConfig
 from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
 from .geometry import SliceConfig
-from .image import ImageConfig, ImageError, load_image, load_video_frames, pixel_limit
+from .image import ImageError, load_image, load_video_frames, pixel_limit
+from .pixels import ImageConfig
 from .tiling import ImageTokens, build_tiling
 from .tokenizer import Tokenizer, load_tokenizer
 

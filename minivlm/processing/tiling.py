@@ -13,7 +13,8 @@ import numpy as np
 from ..config import ConnectorConfig
 from ..connector import connector_tokens
 from .geometry import SliceConfig, anyres_tiles, anyres_token_count, idefics3_tiles, llama3v_placeholder, llama3v_slices
-from .image import ImageConfig, check_pixels, preprocess_single
+from .image import check_pixels
+from .pixels import ImageConfig, preprocess_single
 
 
 @dataclass(frozen=True)
