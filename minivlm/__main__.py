@@ -17,6 +17,7 @@ from . import bench, cli, doctor, parity
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .generation import GenerationError
+from .ops import KernelsError
 from .parity import ParityError
 from .processing.chat import ChatTemplateError
 from .processing.image import ImageError
@@ -31,6 +32,7 @@ USER_ERRORS = (
     GenerationError,
     ChatTemplateError,
     ImageError,
+    KernelsError,
     ParityError,
     ProcessorError,
     TokenizerError,

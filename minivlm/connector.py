@@ -8,6 +8,8 @@ processor asks it, so the prompt carries one image token per feature.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,10 +28,16 @@ class Connector(nn.Module):
         return patches
 
 
+class ConnectorError(ValueError):
+    """A connector that cannot take the features it is given; the message says why."""
+
+
 def connector_tokens(config: ConnectorConfig, patches: int) -> int:
     """The tokens `config`'s connector class makes of `patches` features (a class outside
     `Connector`, such as a bare nn.Module, keeps the count)."""
-    cls = CONNECTORS.get(config.kind)
+    if config.kind not in CONNECTORS:
+        raise ConnectorError(f"unknown connector {config.kind!r}; minivlm has {sorted(CONNECTORS)}")
+    cls = CONNECTORS[config.kind]
     return cls.tokens(config, patches) if isinstance(cls, type) and issubclass(cls, Connector) else patches
 
 
@@ -74,7 +82,13 @@ class PixelShuffle(Connector):
 
     @staticmethod
     def tokens(config: ConnectorConfig, patches: int) -> int:
-        return patches // config.scale_factor**2
+        side, scale = math.isqrt(patches), config.scale_factor
+        if side * side != patches or scale < 1 or side % scale:
+            raise ConnectorError(
+                f"a pixel shuffle by {scale} merges {scale}x{scale} blocks of a square patch grid; "
+                f"{patches} patches are not a square grid whose side it divides"
+            )
+        return patches // scale**2
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()

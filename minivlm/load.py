@@ -74,12 +74,16 @@ def parse_dtype(dtype: torch.dtype | str | None, default: str | None = None) -> 
 
 def family_of(folder) -> tuple[str, Family]:
     """The model_type of a checkpoint folder's config.json, and its row of FAMILIES."""
-    raw = read_config(folder)
-    model_type = raw.get("model_type")
+    model_type = read_config(folder).get("model_type")
+    return model_type, row_of(model_type, str(folder / "config.json"))
+
+
+def row_of(model_type, source: str) -> Family:
+    """FAMILIES[model_type], or a ConfigError naming the model_types minivlm loads."""
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         what = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise ConfigError(f"{folder / 'config.json'}: {what}; minivlm loads {sorted(FAMILIES)}")
-    return model_type, FAMILIES[model_type]
+        raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
@@ -88,12 +92,9 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
     Sizes beyond config.SIZE_LIMITS are refused unless MINIVLM_TRUST_CONFIG=1; a field of the
     wrong type anywhere is a ConfigError naming the file, never a traceback.
     """
-    model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
-        what = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise ConfigError(f"{source}: {what}; minivlm loads {sorted(FAMILIES)}")
+    family = row_of(raw.get("model_type"), source)
     try:
-        return FAMILIES[model_type].config(raw, source)
+        return family.config(raw, source)
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a field of the wrong shape
@@ -129,6 +130,7 @@ def load_model(
     family, config = read_family_config(folder)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     kernels = ops.kernels_choice(kernels)
+    ops.check_kernels_device(kernels, torch.device(device))
     model = load_weights(lambda: family.module(config, kernels), folder, family.keys, dtype, torch.device(device))
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
     return model

@@ -39,29 +39,42 @@ def _triton_kernels():
     return kernels
 
 
+class KernelsError(ValueError):
+    """A kernel choice minivlm cannot honour: a value it does not know, or the Triton kernels asked
+    for where they cannot run."""
+
+
 KERNEL_CHOICES = ("auto", "on", "off")
-KERNELS_ENV = {"": "auto", "1": "on", "0": "off"}  # MINIVLM_KERNELS -> the choice
+# What `kernels=` and MINIVLM_KERNELS accept (case and surrounding spaces aside) -> the choice.
+KERNEL_WORDS = {"auto": "auto", "": "auto", "on": "on", "1": "on", "true": "on", "off": "off", "0": "off",
+                "false": "off"}  # fmt: skip
 
 
-def kernels_choice(value: str | bool | None = None) -> str:
-    """ "auto", "on" or "off", from `value` (True is "on", False "off"), or else from MINIVLM_KERNELS,
-    read here: once per model, when it is built or loaded."""
+def kernels_choice(value: str | bool | int | None = None) -> str:
+    """ "auto", "on" or "off", from `value` (also True/False, 1/0, "1"/"0"), or else from the
+    environment variable MINIVLM_KERNELS, read here: once per model, when it is built or loaded."""
+    what = f"kernels={value!r}"
     if value is None:
-        flag = os.environ.get("MINIVLM_KERNELS", "")
-        if flag not in KERNELS_ENV:
-            raise ValueError(
-                f"MINIVLM_KERNELS={flag!r}: expected 1 (the Triton kernels), 0 (plain PyTorch) or unset (auto)"
-            )
-        value = KERNELS_ENV[flag]
-    value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-    if value not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={value!r}: expected one of {KERNEL_CHOICES}, True or False")
-    if value == "on" and _triton_kernels() is None:
-        raise RuntimeError(
-            "the Triton kernels were asked for (kernels='on' or MINIVLM_KERNELS=1) but triton "
-            "cannot be imported; install triton, or use kernels='auto'"
+        value = os.environ.get("MINIVLM_KERNELS", "")
+        what = f"MINIVLM_KERNELS={value!r}"
+    choice = KERNEL_WORDS.get(str(value).strip().lower()) if isinstance(value, (str, bool, int)) else None
+    if choice is None:
+        raise KernelsError(f"{what}: expected auto (or unset), on (1, true) or off (0, false)")
+    if choice == "on" and _triton_kernels() is None:
+        raise KernelsError(
+            f"{what} asks for the Triton kernels, but triton cannot be imported; install it, or use auto"
         )
-    return value
+    return choice
+
+
+def check_kernels_device(kernels: str, device: torch.device) -> None:
+    """The kernels forced on run on CUDA, or on the CPU only under triton's interpreter: say so when
+    the model is loaded, not at its first op."""
+    if kernels == "on" and device.type != "cuda" and not _interpreting():
+        raise KernelsError(
+            f"the Triton kernels (kernels='on' or MINIVLM_KERNELS=1) run on CUDA; on {device} they need "
+            "TRITON_INTERPRET=1 set before triton is imported (slow: for tests). Use auto"
+        )
 
 
 def set_kernels(model: torch.nn.Module, kernels: str | bool | None = None) -> str:
@@ -81,15 +94,15 @@ def _interpreting() -> bool:
 
 
 def use_kernels(x: torch.Tensor, kernels: str) -> bool:
-    """Whether an op on `x` runs the Triton kernel under the choice `kernels` (see the module docstring)."""
+    """Whether an op on `x` runs the Triton kernel under the choice `kernels` ("auto", "on" or "off":
+    see the module docstring)."""
     if kernels == "off":
         return False
     if kernels == "on":
-        if not x.is_cuda and not _interpreting():
-            raise RuntimeError(
-                "the Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-            )
+        check_kernels_device("on", x.device)
         return True
+    if kernels != "auto":
+        raise KernelsError(f"kernels={kernels!r}: an op takes 'auto', 'on' or 'off' (kernels_choice reads the rest)")
     return x.is_cuda and _triton_kernels() is not None
 
 

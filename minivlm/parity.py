@@ -58,7 +58,7 @@ VLM_PARITY = ParityMap("AutoModelForImageTextToText")
 NO_PARITY_LLAMA3V = ParityMap(
     None,
     missing="transformers has no llama3v (MiniCPM-Llama3-V 2.5) model: it runs only as remote code. "
-    "tests/test_llama3v.py checks each part against references built from transformers and torch",
+    "minivlm's tests/test_llama3v.py checks each part against references built from transformers and torch",
 )
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 

@@ -134,6 +134,7 @@ class VisionTower(nn.Module):
         self,
         pixel_values: torch.Tensor,
         patch_mask: torch.Tensor | None = None,
+        *,
         layers: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """pixel_values (n, C, H, W) -> features (n, patches (+1 CLS), hidden * len(layers)).
@@ -154,6 +155,7 @@ class VisionTower(nn.Module):
         """The outputs of `layers`, as transformers' `hidden_states[i]`: index 0 is the embedding
         output, i the output of layer i, negative indices count from the end. Layers past the last
         one asked for are not run: their output would be thrown away."""
+        wanted = self.layer_indices(layers)  # checked before any work
         n = pixel_values.shape[0]
         if patch_mask is None and self.config.variable_size:
             h, w = pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size
@@ -163,11 +165,25 @@ class VisionTower(nn.Module):
             x = self.pre_layrnorm(x)
         kv_valid = patch_mask.reshape(n, -1) if patch_mask is not None and not bool(patch_mask.all()) else None
 
-        num_layers = len(self.encoder.layers)
-        wanted = [i % (num_layers + 1) for i in layers]
         states = {0: x} if 0 in wanted else {}  # only the wanted layers' outputs are kept
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x, kv_valid)
             if i in wanted:
                 states[i] = x
         return [states[i] for i in wanted]
+
+    def layer_indices(self, layers) -> list[int]:
+        """`layers` (an index or a non-empty tuple of them, each from -(N+1) to N for N layers) as
+        indices into (embeddings, layer 1, ..., layer N)."""
+        n = len(self.encoder.layers)
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        if not isinstance(layers, (tuple, list)) or not layers:
+            raise ValueError(f"layers {layers!r}: expected a layer index or a non-empty tuple of them")
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not -(n + 1) <= i <= n:
+                raise ValueError(
+                    f"layers {tuple(layers)!r}: each must be a whole number from {-(n + 1)} to {n} "
+                    f"(0 the embeddings, i layer i's output, negative from the end; the tower has {n} layers)"
+                )
+        return [i % (n + 1) for i in layers]

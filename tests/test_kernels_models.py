@@ -11,7 +11,9 @@ from test_generation import hf_generate
 from test_vlm import FP32_TOL, batch, rel_err
 
 import minivlm
+from minivlm import ops
 from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from minivlm.ops import KernelsError
 
 pytest.importorskip("triton", reason="the kernels need triton")
 
@@ -103,8 +105,29 @@ def test_the_choice_is_made_once_at_load(tmp_path, monkeypatch):
     on = minivlm.load_model(folder)  # MINIVLM_KERNELS=1 (the fixture)
     monkeypatch.setenv("MINIVLM_KERNELS", "0")
     assert kernel_calls(on, monkeypatch)
+    monkeypatch.setenv("MINIVLM_KERNELS", " ON ")  # the words kernels= takes, any case, spaces around
+    assert minivlm.load_model(folder).kernels == "on"
+    assert minivlm.load_model(folder, kernels=0).kernels == "off"
     monkeypatch.setenv("MINIVLM_KERNELS", "yes")
-    with pytest.raises(ValueError, match="MINIVLM_KERNELS='yes': expected 1 .* 0 .* or unset"):
+    with pytest.raises(KernelsError, match=r"MINIVLM_KERNELS='yes': expected auto \(or unset\), on \(1, true\) or off"):
         minivlm.load_model(folder)
-    with pytest.raises(ValueError, match="kernels='fast': expected one of"):
+    with pytest.raises(KernelsError, match="kernels='fast': expected auto"):
         minivlm.load_model(folder, kernels="fast")
+    with pytest.raises(KernelsError, match="an op takes 'auto', 'on' or 'off'"):
+        ops.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6, kernels=True)
+
+
+def test_bad_choices_are_one_line_errors_at_load(tmp_path, monkeypatch, capsys):
+    """Forced kernels where they cannot run fail when the model is loaded, not at its first op; the
+    command line prints one line for a bad MINIVLM_KERNELS, and doctor does not blame the checkpoint."""
+    from minivlm.__main__ import main
+
+    folder = save_checkpoint(build_text_model("llama"), tmp_path, layout="hub")
+    monkeypatch.setattr(ops, "_interpreting", lambda: False)  # as outside the tests: no TRITON_INTERPRET
+    with pytest.raises(KernelsError, match="run on CUDA; on cpu they need TRITON_INTERPRET=1"):
+        minivlm.load_model(folder, kernels="on")
+    monkeypatch.setenv("MINIVLM_KERNELS", "yes")
+    assert main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+    assert capsys.readouterr().err.startswith("minivlm: error: MINIVLM_KERNELS='yes': expected auto")
+    main(["doctor", str(folder)])  # (the folder has no tokenizer: doctor lists that, and only that)
+    assert "cannot build the model" not in capsys.readouterr().out

@@ -13,6 +13,7 @@ import minivlm
 import minivlm.connector
 import minivlm.processing.tiling
 from minivlm.bench.tiny import tiny_checkpoint
+from minivlm.config import ConnectorConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHECKPOINT = '"weights/llava-interleave-qwen-0.5b-hf"'
@@ -54,4 +55,19 @@ def test_a_connector_is_refused_where_the_tiling_does_not_follow_it(tmp_path):
     processor = minivlm.load_processor(folder)
     processor.connector = minivlm.load_model(folder).config.connector
     with pytest.raises(minivlm.ProcessorError, match="'pixel_shuffle'.*does not follow a connector"):
+        processor(text="<image>", images=[Image.new("RGB", (64, 64))])
+
+
+@pytest.mark.parametrize(
+    "connector, message",
+    [
+        ("shuffle_mlp", "processor.connector is a str; expected the model's ConnectorConfig"),
+        (ConnectorConfig("qformer", 8, 8), r"unknown connector 'qformer'; minivlm has \['linear'"),
+        (ConnectorConfig("pixel_shuffle", 8, 8, scale_factor=2), "729 patches are not a square grid whose side it"),
+    ],
+)
+def test_a_connector_the_processor_cannot_count_with_is_named(tmp_path, connector, message):
+    processor = minivlm.load_processor(tiny_checkpoint("llava-interleave", tmp_path / "interleave"))
+    processor.connector = connector
+    with pytest.raises(minivlm.ProcessorError, match=message):
         processor(text="<image>", images=[Image.new("RGB", (64, 64))])

@@ -91,3 +91,23 @@ def test_greedy_answer_equals_transformers(folder, pair, prompt):
     assert got.tolist() == expected.tolist()
     streamed = "".join(minivlm.stream(ours, processor, **inputs, max_new_tokens=NEW))
     assert streamed == processor.decode(got[0], skip_special_tokens=True)
+
+
+def test_command_line_and_conversation_answer_as_transformers(folder, pair, capsys):
+    """`python -m minivlm generate` and a Conversation turn send a text model its message as the
+    one string its chat template takes, and print transformers' greedy answer."""
+    from minivlm.__main__ import main
+    from minivlm.conversation import Conversation
+
+    theirs, ours = pair
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(chat(PROMPTS[0]), add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    out = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    assert main(["generate", "--model", str(folder), "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    conversation = Conversation(ours, minivlm.load_processor(folder), max_new_tokens=NEW)
+    assert "".join(conversation.say(PROMPTS[0])) == expected
+    assert "".join(conversation.say("And of Italy?"))  # a second turn renders and answers

@@ -110,3 +110,22 @@ def test_unknown_connector_names_the_known_ones():
         match=r"unknown connector 'qformer'; minivlm has \['linear', 'mlp2x_gelu', 'pixel_shuffle', 'resampler'\]",
     ):
         build_connector(ConnectorConfig("qformer", 8, 8))
+
+
+@pytest.mark.parametrize("layers", [(), (5,), (-5,), (1.5,), (True,), "1", [0, 9]])
+def test_vision_tower_layers_out_of_range_or_of_the_wrong_type(llava, layers):
+    """The tiny CLIP tower has 3 layers: indices run from -4 to 3; anything else is named, not wrapped."""
+    _, model = llava
+    pixels = torch.zeros(1, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"layers .*(a non-empty tuple|from -4 to 3)"):
+        model.vision_tower(pixels, layers=layers)
+
+
+def test_vision_tower_layers_as_transformers_hidden_states(llava):
+    hf, model = llava
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        for layers in (0, (-4,), (3,), (1, -1)):
+            want = torch.cat([theirs[i] for i in ((layers,) if isinstance(layers, int) else layers)], dim=-1)
+            torch.testing.assert_close(model.vision_tower(pixels, layers=layers), want, rtol=1e-5, atol=1e-5)

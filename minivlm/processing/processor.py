@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ConnectorConfig
+from ..connector import ConnectorError
 from .chat import ChatTemplateError, check_prompt_length, find_chat_template, render
 from .files import read_json
 from .geometry import SliceConfig
@@ -134,7 +135,11 @@ class Processor:
         )
 
     def chat_messages(self, messages: list[dict]) -> list[dict]:
-        """The messages as this family's chat template takes them."""
+        """The messages as this family's chat template takes them. A text model's template takes
+        each message's content as one string (SmolLM2's, Llama-3's and Qwen2's concatenate it):
+        a content list of text parts becomes its parts joined by newlines."""
+        if self.family is None:
+            return [_joined_content(m, self.tokens.image_token) for m in messages]
         return messages
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -275,13 +280,22 @@ class Processor:
             tiling = build_tiling(self.tiling, self.image_config, self.tokens, self.slicing, self.connector)
         except KeyError as e:
             raise ProcessorError(e.args[0]) from None
-        if self.connector is not None and not tiling.follows_connector:
-            raise ProcessorError(
-                f"processor.connector ({self.connector.kind!r}): the token count of {self.family}'s "
-                f"tiling {self.tiling!r} does not follow a connector; a swapped connector is "
-                "supported with LLaVA's one-view tiling"
-            )
-        return tiling(images, per_text)
+        if self.connector is not None:
+            if not isinstance(self.connector, ConnectorConfig):
+                raise ProcessorError(
+                    f"processor.connector is a {type(self.connector).__name__}; expected the model's "
+                    "ConnectorConfig (model.config.connector after a swap), or None for the checkpoint's own"
+                )
+            if not tiling.follows_connector:
+                raise ProcessorError(
+                    f"processor.connector ({self.connector.kind!r}): the token count of {self.family}'s "
+                    f"tiling {self.tiling!r} does not follow a connector; a swapped connector is supported "
+                    "with LLaVA's one-view tiling (leave processor.connector None for the checkpoint's own)"
+                )
+        try:
+            return tiling(images, per_text)
+        except ConnectorError as e:
+            raise ProcessorError(f"processor.connector: {e}") from None
 
 
 def _texts(text) -> list[str]:

@@ -123,9 +123,16 @@ def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = N
     """Write the tiny checkpoint of `family` into `folder` and return the folder; with the real
     `vocabulary` folder (a real tokenizer: tests/real_files.py fetches them) as its tokenizer when
     given, else one trained here (vocab.py)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny checkpoint of {family!r}; there are {sorted(FAMILIES)}")
     folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        # an earlier build's files (its tokenizer.json beside a new tokenizer.model) would mix in
+        raise FileExistsError(f"{folder} is not empty: a tiny checkpoint is built into a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = FAMILIES[family]
+    if family == "llama3v" and vocabulary is not None:
+        raise ValueError("the tiny llama3v checkpoint trains its own Llama-3-style vocabulary; it takes no vocabulary")
     if family == "llama3v":  # 448-pixel slices, MiniCPM-V's 70x70 position grid and 96 queries
         vision = dict(
             hidden_size=144,

@@ -1,18 +1,15 @@
 """Tiny random-weight checkpoints, built with transformers and saved as the hub stores them.
 
-Every test builds its own: nothing is downloaded. `save_pretrained` writes transformers 5's
-layout; `to_hub_layout` rewrites a saved folder into what users download from the hub (config
-dialect, key names, extra buffers, shards with an index).
+Every test builds its own: nothing is downloaded. `save_pretrained` writes transformers 5's layout;
+`save_checkpoint(..., layout="hub")` rewrites a saved folder into what users download from the hub
+(config dialect, key names, extra buffers, shards with an index).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the network
 
 import torch
 import transformers
