@@ -16,15 +16,9 @@ from .family_config import idefics3_config, llama3v_config, llava_config, llava_
 from .generation import GenerationDefaults
 from .hub import resolve_checkpoint
 from .parity import NO_PARITY_LLAMA3V, TEXT_PARITY, VLM_PARITY, ParityMap
+from .processing.family_processors import Idefics3Processor, Llama3VProcessor, LlavaNextProcessor, LlavaProcessor
 from .processing.files import open_regular, read_json
-from .processing.processor import (
-    Idefics3Processor,
-    Llama3VProcessor,
-    LlavaNextProcessor,
-    LlavaProcessor,
-    Processor,
-    ProcessorError,
-)
+from .processing.processor import Processor, ProcessorError
 from .processing.tokenizer import TokenizerError
 from .vlm import Idefics3, Llama3V, Llava, LlavaNext
 from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights

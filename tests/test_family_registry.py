@@ -19,8 +19,8 @@ from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.family_config import llava_config
 from minivlm.load import Family
 from minivlm.parity import ParityMap
+from minivlm.processing.family_processors import LlavaProcessor
 from minivlm.processing.pixels import preprocess_single
-from minivlm.processing.processor import LlavaProcessor
 from minivlm.processing.tiling import OneView
 from minivlm.vlm import Llava
 from minivlm.weights import LLAVA_KEYS

@@ -41,7 +41,7 @@ def _count_error(token: str, per_text: list[int], given: int, what: str) -> Proc
 
 
 class Processor:
-    """A text-only checkpoint's processor. Each family is a subclass (at the end of this file) that
+    """A text-only checkpoint's processor. Each family is a subclass (family_processors.py) that
     says how its settings are read and names its tiling; its row of load.FAMILIES names it."""
 
     family: str | None = None  # the family's name in messages; None: text-only, no images
@@ -139,7 +139,7 @@ class Processor:
         each message's content as one string (SmolLM2's, Llama-3's and Qwen2's concatenate it):
         a content list of text parts becomes its parts joined by newlines."""
         if self.family is None:
-            return [_joined_content(m, self.tokens.image_token) for m in messages]
+            return [joined_content(m, self.tokens.image_token) for m in messages]
         return messages
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -348,68 +348,7 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:80]
 
 
-# ---------------------------------------------------------------------------------------------
-# The families: how each reads its image settings, which tiling it uses, what its prompts need.
-
-
-class LlavaProcessor(Processor):
-    """LLaVA-1.5 and LLaVA-Interleave: one view per image; Interleave reads videos as frames."""
-
-    family, hf_name, tiling, videos = "llava", "LlavaProcessor", "one_view", True
-
-
-class LlavaNextProcessor(Processor):
-    """LLaVA-NeXT: anyres tiles."""
-
-    family, hf_name, tiling = "llava_next", "LlavaNextProcessor", "anyres"
-
-
-class Idefics3Processor(Processor):
-    """Idefics3 / SmolVLM: split into tiles plus a global image, with row/col markers."""
-
-    family, hf_name, tiling = "idefics3", "Idefics3Processor", "idefics3"
-
-
-class Llama3VProcessor(Processor):
-    """llama3v: LLaVA-UHD slices, each `query_num` placeholders between <image> and </image>."""
-
-    family, tiling = "llama3v", "llama3v_slices"
-
-    @classmethod
-    def image_settings(cls, folder: Path, settings: dict) -> tuple[ImageConfig, SliceConfig]:
-        return _llama3v_settings(read_json(folder / "config.json", ProcessorError), folder)
-
-    def needed_tokens(self) -> list[str]:
-        return ["</image>", "<slice>", "</slice>", self.unk_token]
-
-    def chat_messages(self, messages: list[dict]) -> list[dict]:
-        return [_joined_content(m, self.tokens.image_token) for m in messages]
-
-
-def _llama3v_settings(config: dict, folder: Path) -> tuple[ImageConfig, SliceConfig]:
-    """llama3v ships no preprocessor_config.json: MiniCPM-V normalises with mean = std = 0.5 after
-    scaling to [0, 1], resizes with bicubic, and takes the slicing settings from config.json."""
-    image_config = ImageConfig(processor_type="llama3v", resample=3, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
-    try:
-        slicing = SliceConfig(
-            scale_resolution=int(config.get("image_size", 448)),
-            patch_size=int(config.get("patch_size", 14)),
-            max_slices=int(config.get("max_slice_nums", 9)),
-            query_num=int(config.get("query_num", 96)),
-            slice_mode=bool(config.get("slice_mode", True)),
-        )
-    except (TypeError, ValueError):
-        raise ProcessorError(
-            f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be integers"
-        ) from None
-    if min(slicing.scale_resolution, slicing.patch_size, slicing.max_slices, slicing.query_num) < 1:
-        raise ProcessorError(
-            f"{folder / 'config.json'}: image_size, patch_size, max_slice_nums and query_num must be positive"
-        )
-    return image_config, slicing
-
-
-def _joined_content(message: dict, image_token: str) -> dict:
+def joined_content(message: dict, image_token: str) -> dict:
     """llama3v's chat template takes each message's content as one string: a content list becomes
     its parts joined by newlines, an image part as the image token (as MiniCPM-V's chat joins them)."""
     content = message.get("content") if isinstance(message, dict) else None

@@ -40,7 +40,7 @@ SIGLIP_384 = dict(SIGLIP, image_size=384)  # the tests' tiny SigLIP (head_dim 72
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
 
 # family -> (its tokenizer, its processor in processors.py)
-FAMILIES = {
+TINY_FAMILIES = {
     "llava-1.5": ("sentencepiece", "llava15"),
     "llava-next": ("qwen2", "next"),
     "llava-interleave": ("qwen2", "interleave"),
@@ -101,7 +101,7 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
         # 4096 positions: a 17-tile photo takes 2,873 image tokens
         text = dict(model_type="llama", **text_config(tok, max_position_embeddings=4096))
         return transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=image, scale_factor=2)
-    raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+    raise ValueError(f"unknown family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
 
 
 def real_tokenizer(family: str, source: Path, folder: Path) -> None:
@@ -123,14 +123,14 @@ def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = N
     """Write the tiny checkpoint of `family` into `folder` and return the folder; with the real
     `vocabulary` folder (a real tokenizer: tests/real_files.py fetches them) as its tokenizer when
     given, else one trained here (vocab.py)."""
-    if family not in FAMILIES:
-        raise ValueError(f"no tiny checkpoint of {family!r}; there are {sorted(FAMILIES)}")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny checkpoint of {family!r}; there are {sorted(TINY_FAMILIES)}")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         # an earlier build's files (its tokenizer.json beside a new tokenizer.model) would mix in
         raise FileExistsError(f"{folder} is not empty: a tiny checkpoint is built into a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer, processor = FAMILIES[family]
+    tokenizer, processor = TINY_FAMILIES[family]
     if family == "llama3v" and vocabulary is not None:
         raise ValueError("the tiny llama3v checkpoint trains its own Llama-3-style vocabulary; it takes no vocabulary")
     if family == "llama3v":  # 448-pixel slices, MiniCPM-V's 70x70 position grid and 96 queries
