@@ -5,12 +5,13 @@ signatures the kernels take over. Model code calls only these. Each mirrors the 
 transformers module named beside it (including where it casts), because that is what parity means:
 same dtype at the same step, not merely the same formula.
 
-Dispatch: RMSNorm, LayerNorm, RoPE and attention run minivlm's Triton kernels (`minivlm.kernels`)
-or this plain PyTorch, as the calling module's `kernels` choice says:
-  "auto": the kernels for CUDA tensors when triton imports, plain PyTorch otherwise;
-  "off":  plain PyTorch everywhere;
-  "on":   the kernels, even for CPU tensors, which triton runs only under TRITON_INTERPRET=1
-          (slowly: that is for tests).
+Two paths, as the calling module's `kernels` choice says:
+  "off":  the reference: these definitions, everywhere. Parity is measured on it.
+  "auto": the fast path, the default: minivlm's Triton kernels (`minivlm.kernels`) for RMSNorm,
+          LayerNorm, RoPE and attention on CUDA tensors when triton imports; elsewhere attention
+          runs torch's scaled_dot_product_attention (`sdpa_attention`) and the rest as defined here;
+  "on":   the Triton kernels, even for CPU tensors, which triton runs only under
+          TRITON_INTERPRET=1 (slowly: that is for tests).
 A model makes the choice once, when it is built or loaded (`load_model(kernels=...)`, else the
 environment variable MINIVLM_KERNELS: 1 on, 0 off, unset auto), and `set_kernels` hands it to each
 module that calls an op here.
@@ -240,6 +241,8 @@ def attention(
         return _triton_kernels().attention.attention(
             q, k, v, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, scale=scale
         )
+    if kernels == "auto":
+        return sdpa_attention(q, k, v, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, scale=scale)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -261,6 +264,38 @@ def attention(
     probs = probs.view(batch, kv_heads, groups * q_len, kv_len)
     out = torch.matmul(probs, v)  # (batch, kv_heads, groups*q_len, head_dim)
     return out.view(batch, heads, q_len, head_dim)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    q_offset: int = 0,
+    kv_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`attention` on the fast path without the Triton kernels: torch's scaled_dot_product_attention
+    (a fused kernel, no (q_len, kv_len) score matrix in the input dtype), the same visibility.
+
+    A query with no visible key (a left-padding position) is let see every key: a fully masked row
+    would give NaN, which would reach the cache and, times a zero weight, every later query. Its
+    output is never used, so it need not be the definition's (an average of all the keys). Not
+    bit-equal to the definition elsewhere either: the kernel sums in another order (and in fp32 for
+    half precision); tests/test_fast_path.py measures how close.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    grouped = q.shape[1] != k.shape[1]
+    if causal and q_offset == 0 and q_len == kv_len and kv_valid is None and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
+    allowed = attention_mask(
+        q_len, kv_len, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, device=q.device
+    )
+    if allowed is not None:
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # (batch or 1, 1, q_len, kv_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=grouped)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

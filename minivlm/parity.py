@@ -303,7 +303,7 @@ def run_parity(args: argparse.Namespace) -> int:
     if not parity.text_only and not images:
         images = [synthetic_image()]
     processor = load_processor(folder)
-    ours = load_model(folder, dtype=dtype, device=args.device)
+    ours = load_model(folder, dtype=dtype, device=args.device, kernels="off")  # the reference path
     theirs = load_transformers(folder, parity.auto_class, dtype, args.device)
     inputs = processor(text=_prompt(processor, args.prompt, len(images)), images=images or None)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}

@@ -1,71 +1,135 @@
-"""`python -m minivlm bench generate`: greedy generation with one image, minivlm's `generate`
-against transformers' on the same random-weight LLaVA-Interleave model and inputs: whether the
-tokens are identical, time to first token and decode tokens/s; on CUDA also peak memory and the
-bandwidth roofline (decoder weight bytes / measured copy bandwidth).
+"""`python -m minivlm bench generate`: greedy generation with one image, minivlm against
+transformers on the same random-weight LLaVA-Interleave model and inputs.
+
+Each phase is timed on its own, `--repeats` times, and given as the median with the range:
+- time to first token: `generate` of one token from the prompt (vision tower, prefill, the first
+  token);
+- decode: `--new-tokens` tokens generated from a KV cache that a prefill outside the timing has
+  filled (each side's own cache, restored before every run), as tokens per second. It is not a
+  difference of two timings: prefill swings by more than the decode it would hide.
+
+Then the decode roofline for the device: the bytes of weights one decode step reads (every decoder
+layer, the final norm and the output projection; one embedding row is negligible) against the
+read bandwidth measured here, by summing a buffer far larger than the caches. It is an upper
+bound: the KV cache, activations and launch overhead come on top.
 """
 
 from __future__ import annotations
 
 import argparse
-from functools import partial
+import copy
+import statistics
+import time
 
 import torch
 
 from ..generation import GenerationDefaults, generate
-from .timing import time_call
+from .timing import sync
 from .vlm import vlm_pair
 
 
 def bench_generate(args: argparse.Namespace) -> None:
     ours, theirs, config = vlm_pair(args)
-    dtype = getattr(torch, args.dtype)
+    dtype, n = getattr(torch, args.dtype), args.new_tokens
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, 384, 384, generator=g).to(args.device, dtype)
     text = torch.randint(0, 1000, (args.text_tokens,), generator=g)
     ids = torch.cat([text[:4], torch.full((729,), config.image_token_id), text[4:]])[None].to(args.device)
     ours.generation_defaults = GenerationDefaults((), 0, None)  # no EOS: every run is full length
 
-    def run_ours(n):
-        return generate(ours, ids, pixel_values=pixels, max_new_tokens=n)
+    def theirs_generate(input_ids, new, **kwargs):
+        out = theirs.generate(input_ids=input_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, **kwargs)  # fmt: skip
+        return out[:, input_ids.shape[1] :]
 
-    def run_theirs(n):
-        out = theirs.generate(
-            input_ids=ids,
-            pixel_values=pixels,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return out[:, ids.shape[1] :]
+    expected = theirs_generate(ids, n, pixel_values=pixels)
+    same = torch.equal(generate(ours, ids, pixel_values=pixels, max_new_tokens=n).cpu(), expected.cpu())
+    print(f"prompt: 1 image (729 tokens) + {args.text_tokens} text tokens; {n} new tokens, greedy; "
+          f"identical tokens: {same}")  # fmt: skip
 
-    n = args.new_tokens
-    same = torch.equal(run_ours(n).cpu(), run_theirs(n).cpu())
-    print(
-        f"prompt: 1 image (729 tokens) + {args.text_tokens} text tokens; {n} new tokens, greedy; "
-        f"identical tokens: {same}"
-    )
-    print(f"{'':<34}{'minivlm':>12}{'transformers':>14}{'ratio':>8}")
-    results = {}
-    for name, fn in (("minivlm", run_ours), ("transformers", run_theirs)):
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        first = time_call(partial(fn, 1), args.repeats, args.device)
-        full = time_call(partial(fn, n), args.repeats, args.device)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-        results[name] = (first, (n - 1) / (full - first), peak)
-    (f_o, r_o, m_o), (f_t, r_t, m_t) = results["minivlm"], results["transformers"]
-    print(f"{'time to first token (s)':<34}{f_o:>12.3f}{f_t:>14.3f}{f_t / f_o:>8.2f}")
-    print(f"{'decode (tokens/s)':<34}{r_o:>12.1f}{r_t:>14.1f}{r_o / r_t:>8.2f}")
+    first = {
+        "minivlm": repeat(lambda: generate(ours, ids, pixel_values=pixels, max_new_tokens=1), args),
+        "transformers": repeat(lambda: theirs_generate(ids, 1, pixel_values=pixels), args),
+    }
+    # Decode: each side's cache holds the prompt and the first token's prefill; n more tokens.
+    first_token = expected[:, :1]
+    ids_1 = torch.cat([ids, first_token], dim=1)
+    with torch.inference_mode():
+        cache = ours.new_cache(1, ids_1.shape[1] + n)
+        ours(ids, pixel_values=pixels, cache=cache, logits_to_keep=1)
+        past = theirs(input_ids=ids, pixel_values=pixels, use_cache=True).past_key_values
+    filled = cache.length
+
+    def ours_decode():
+        cache.length = filled  # the slots past the prompt are overwritten
+        return generate(ours, first_token, torch.ones_like(ids_1), max_new_tokens=n, cache=cache)
+
+    def theirs_decode():
+        return theirs_generate(ids_1, n, past_key_values=copy.deepcopy(past))
+
+    decode_same = torch.equal(ours_decode().cpu(), theirs_decode().cpu())
+    decode = {
+        "minivlm": [n / s for s in repeat(ours_decode, args)],
+        "transformers": [n / s for s in repeat(theirs_decode, args)],
+    }
+    print(f"each phase timed alone, {args.repeats} runs after a warm-up: median [min - max]; "
+          f"decode tokens identical: {decode_same}")  # fmt: skip
+    print(f"{'':<26}{'minivlm':>24}{'transformers':>24}{'ratio':>8}")
+    print(f"{'time to first token (s)':<26}{spread(first['minivlm'], 3):>24}{spread(first['transformers'], 3):>24}"
+          f"{statistics.median(first['transformers']) / statistics.median(first['minivlm']):>8.2f}")  # fmt: skip
+    print(f"{'decode (tokens/s)':<26}{spread(decode['minivlm'], 1):>24}{spread(decode['transformers'], 1):>24}"
+          f"{statistics.median(decode['minivlm']) / statistics.median(decode['transformers']):>8.2f}")  # fmt: skip
+    print("ratio: transformers' time / minivlm's, and minivlm's rate / transformers' (above 1: minivlm is faster)")
+
+    weight_bytes = decode_weight_bytes(ours)
+    bandwidth = read_bandwidth(args.device)
+    roofline = bandwidth / weight_bytes
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a {BANDWIDTH_BYTES // 2**20} MiB buffer, best of 5); "
+          f"decode reads {weight_bytes / 2**30:.2f} GiB of weights a token: roofline {roofline:.1f} tokens/s; "
+          f"minivlm at {statistics.median(decode['minivlm']) / roofline:.0%}, "
+          f"transformers at {statistics.median(decode['transformers']) / roofline:.0%}")  # fmt: skip
     if args.device.startswith("cuda"):
-        print(f"{'peak memory (GiB)':<34}{m_o:>12.2f}{m_t:>14.2f}")
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters())
-        buf = torch.empty(2**28, dtype=torch.float32, device=args.device)  # 1 GiB
-        copy = time_call(lambda: buf.clone(), 5, args.device)
-        bandwidth = 2 * buf.numel() * 4 / copy  # read + write
-        roofline = bandwidth / weight_bytes
-        print(
-            f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; decoder weights {weight_bytes / 2**30:.2f} GiB; "
-            f"roofline {roofline:.1f} tokens/s; minivlm at {r_o / roofline:.0%} of it"
-        )
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both models resident)")
+
+
+def repeat(fn, args: argparse.Namespace) -> list[float]:
+    """Wall times of `args.repeats` calls of fn after one warm-up, each synchronised on CUDA."""
+    times = []
+    with torch.inference_mode():
+        fn()
+        sync(args.device)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            sync(args.device)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(values: list[float], digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f} - {max(values):.{digits}f}]"
+
+
+def decode_weight_bytes(model) -> int:
+    """The weight bytes one decode step reads: the decoder layers, the final norm, the output
+    projection (tied to the embedding or not)."""
+    lm = model.language_model
+    parts = [*lm.model.layers.parameters(), *lm.model.norm.parameters(), lm.lm_head.weight]
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+BANDWIDTH_BYTES = 512 * 2**20  # far past any CPU cache; a GPU's L2 is at most tens of MiB
+
+
+def read_bandwidth(device: str) -> float:
+    """Bytes per second read by a reduction over a 512 MiB float32 buffer: best of 5."""
+    buf = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for i in range(6):
+        sync(device)
+        start = time.perf_counter()
+        buf.sum()
+        sync(device)
+        if i:  # the first run is the warm-up
+            best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BYTES / best

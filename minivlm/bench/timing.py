@@ -30,7 +30,7 @@ def transformers_or_exit():
     return transformers
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -40,11 +40,11 @@ def time_call(fn, repeats: int, device: str) -> float:
     best = float("inf")
     with torch.inference_mode():
         fn()
-        _sync(device)
+        sync(device)
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             best = min(best, time.perf_counter() - start)
     return best
 
