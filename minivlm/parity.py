@@ -1,7 +1,8 @@
 """`python -m minivlm parity --model PATH`: minivlm against transformers on one checkpoint, layer by layer.
 
 Both models load the same folder and run the same inputs (made by minivlm's processor, whose
-output is tested equal to transformers' processors). Forward hooks record the output of every
+output is tested equal to transformers' processors); minivlm runs its reference path
+(`kernels="off"`, ops.py's definitions of transformers' eager arithmetic). Forward hooks record the output of every
 stage on both sides: the vision embeddings, each vision encoder layer, the connector, the merged
 sequence that enters the decoder, each decoder layer, the final norm and the logits. The table
 gives, per stage, the largest absolute difference and that difference relative to the largest

@@ -9,9 +9,11 @@ Each phase is timed on its own, `--repeats` times, and given as the median with 
   difference of two timings: prefill swings by more than the decode it would hide.
 
 Then the decode roofline for the device: the bytes of weights one decode step reads (every decoder
-layer, the final norm and the output projection; one embedding row is negligible) against the
-read bandwidth measured here, by summing a buffer far larger than the caches. It is an upper
-bound: the KV cache, activations and launch overhead come on top.
+layer, the final norm and the output projection; one embedding row is negligible) against two
+rates measured here on buffers far larger than the caches: the read bandwidth of a reduction, and
+the rate of torch's own float32 matrix-vector product, which is what a decode step's projections
+run (on a CPU it reads well under the reduction's bandwidth). Both are upper bounds: the KV cache,
+activations and per-op overhead come on top.
 """
 
 from __future__ import annotations
@@ -82,12 +84,16 @@ def bench_generate(args: argparse.Namespace) -> None:
     print("ratio: transformers' time / minivlm's, and minivlm's rate / transformers' (above 1: minivlm is faster)")
 
     weight_bytes = decode_weight_bytes(ours)
-    bandwidth = read_bandwidth(args.device)
-    roofline = bandwidth / weight_bytes
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a {BANDWIDTH_BYTES // 2**20} MiB buffer, best of 5); "
-          f"decode reads {weight_bytes / 2**30:.2f} GiB of weights a token: roofline {roofline:.1f} tokens/s; "
-          f"minivlm at {statistics.median(decode['minivlm']) / roofline:.0%}, "
-          f"transformers at {statistics.median(decode['transformers']) / roofline:.0%}")  # fmt: skip
+    ours_rate, theirs_rate = statistics.median(decode["minivlm"]), statistics.median(decode["transformers"])
+    print(f"decode reads {weight_bytes / 2**30:.2f} GiB of weights a token (and the KV cache: "
+          f"{cache_bytes(cache) / 2**20:.0f} MiB at the end here)")  # fmt: skip
+    for what, bandwidth in (
+        (f"read bandwidth (a sum over {BANDWIDTH_BYTES // 2**20} MiB)", read_bandwidth(args.device)),
+        (f"torch's matrix-vector product ({BANDWIDTH_BYTES // 2**20} MiB of weights)", gemv_bandwidth(args.device)),
+    ):
+        roofline = bandwidth / weight_bytes
+        print(f"  {what}: {bandwidth / 1e9:.1f} GB/s, roofline {roofline:.1f} tokens/s; minivlm at "
+              f"{ours_rate / roofline:.0%}, transformers at {theirs_rate / roofline:.0%}")  # fmt: skip
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both models resident)")
 
@@ -124,12 +130,31 @@ BANDWIDTH_BYTES = 512 * 2**20  # far past any CPU cache; a GPU's L2 is at most t
 def read_bandwidth(device: str) -> float:
     """Bytes per second read by a reduction over a 512 MiB float32 buffer: best of 5."""
     buf = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32, device=device)
+    return BANDWIDTH_BYTES / best_time(buf.sum, device)
+
+
+def gemv_bandwidth(device: str) -> float:
+    """Bytes of weights per second that one float32 matrix-vector product over 512 MiB reads: the
+    rate a decode step's projections can reach with torch's own kernels (on a CPU, well under the
+    read bandwidth a reduction gets)."""
+    weight = torch.ones(BANDWIDTH_BYTES // 4 // 1024, 1024, dtype=torch.float32, device=device)
+    x = torch.ones(1, 1024, dtype=torch.float32, device=device)
+    return BANDWIDTH_BYTES / best_time(lambda: torch.nn.functional.linear(x, weight), device)
+
+
+def best_time(fn, device: str) -> float:
     best = float("inf")
     for i in range(6):
         sync(device)
         start = time.perf_counter()
-        buf.sum()
+        fn()
         sync(device)
         if i:  # the first run is the warm-up
             best = min(best, time.perf_counter() - start)
-    return BANDWIDTH_BYTES / best
+    return best
+
+
+def cache_bytes(cache) -> int:
+    """The filled part of a KV cache: what a decode step reads of it."""
+    per_slot = sum(t[0, :, 0].numel() * t.element_size() for t in cache.keys + cache.values)
+    return per_slot * cache.length
