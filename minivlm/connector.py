@@ -119,7 +119,7 @@ class PackedAttention(nn.Module):
     """Multi-head attention with q/k/v packed in one `in_proj_weight` (3*d, d), as
     torch.nn.MultiheadAttention stores it (and so the llama3v checkpoint)."""
 
-    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+    kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

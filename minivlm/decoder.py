@@ -55,7 +55,7 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, v
 
 
 class RMSNorm(nn.Module):
-    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+    kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -100,7 +100,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+    kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
 
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()

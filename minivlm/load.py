@@ -114,8 +114,10 @@ def load_model(
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
 
     dtype None keeps the dtype config.json records (transformers' `dtype="auto"`), else float32.
-    kernels: "auto" (the Triton kernels on CUDA when triton imports), "on" (True) or "off" (False);
-    None reads the environment variable MINIVLM_KERNELS (1 on, 0 off, unset auto), here, once.
+    kernels: the path (ops.py). "auto", the fast path: the Triton kernels on CUDA when triton
+    imports, torch's SDPA attention elsewhere; "off" (False), the reference: ops.py's definitions
+    of transformers' arithmetic, which parity is measured on; "on" (True): the Triton kernels
+    forced. None reads the environment variable MINIVLM_KERNELS (auto, on/1, off/0), here, once.
     config.json's sizes are bounded (config.SIZE_LIMITS; MINIVLM_TRUST_CONFIG=1 lifts the bounds),
     and every tensor's name, shape and dtype is checked against the model from the headers alone,
     before any memory is allocated for weights. `python -m minivlm doctor PATH` lists every problem.

@@ -17,7 +17,7 @@ from .config import VisionConfig
 
 
 class LayerNorm(nn.LayerNorm):
-    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+    kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, self.kernels)
@@ -70,7 +70,7 @@ def navit_position_ids(patch_mask: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    kernels = "auto"  # ops.set_kernels: the model's choice of Triton kernels or plain PyTorch
+    kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
 
     def __init__(self, config: VisionConfig):
         super().__init__()
