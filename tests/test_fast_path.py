@@ -55,11 +55,13 @@ def fast_path(monkeypatch):
     monkeypatch.setenv("MINIVLM_KERNELS", "auto")  # the suite runs the reference unless told (conftest.py)
 
 
-@pytest.mark.parametrize("name", sorted(VLM_CONFIGS))
-def test_vlm_on_the_fast_path_matches_transformers(name, tmp_path):
+def vlm_matches_transformers(name: str, folder, kernels: str) -> None:
+    """The tiny `name` VLM on the path `kernels` against transformers' eager model: the logits of a
+    left-padded batch with images on its real positions (fp32 tolerance), every position finite,
+    and greedy generation token for token."""
     hf = build_vlm_model(name)
-    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
-    assert model.kernels == "auto"
+    model = minivlm.load_model(save_checkpoint(hf, folder, layout="hub"))
+    assert model.kernels == kernels
     ids, mask, inputs, _ = batch(name, hf, [2, 1])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -74,10 +76,11 @@ def test_vlm_on_the_fast_path_matches_transformers(name, tmp_path):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
-def test_text_model_on_the_fast_path_matches_transformers(name, tmp_path):
+def text_model_matches_transformers(name: str, folder, kernels: str) -> None:
+    """As vlm_matches_transformers, for the tiny text model `name`."""
     hf = build_text_model(name)
-    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
+    model = minivlm.load_model(save_checkpoint(hf, folder, layout="hub"))
+    assert model.kernels == kernels
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 200, (2, 13), generator=g)
     mask = torch.ones_like(ids)
@@ -91,6 +94,16 @@ def test_text_model_on_the_fast_path_matches_transformers(name, tmp_path):
     assert ours.isfinite().all()
     expected = hf_generate(hf, ids, mask, None, 0)
     assert torch.equal(minivlm.generate(model, ids, mask, max_new_tokens=expected.shape[1]), expected)
+
+
+@pytest.mark.parametrize("name", sorted(VLM_CONFIGS))
+def test_vlm_on_the_fast_path_matches_transformers(name, tmp_path):
+    vlm_matches_transformers(name, tmp_path, "auto")
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
+def test_text_model_on_the_fast_path_matches_transformers(name, tmp_path):
+    text_model_matches_transformers(name, tmp_path, "auto")
 
 
 def test_the_reference_path_is_the_definition(tmp_path, monkeypatch):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation import hf_generate
-from test_vlm import FP32_TOL, batch, rel_err
+from test_fast_path import text_model_matches_transformers, vlm_matches_transformers
+from test_vlm import FP32_TOL, rel_err
 
 import minivlm
 from minivlm import ops
-from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, save_checkpoint
 from minivlm.ops import KernelsError
 
 pytest.importorskip("triton", reason="the kernels need triton")
@@ -25,38 +25,12 @@ def kernels_on(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(VLM_CONFIGS))
 def test_vlm_through_kernels_matches_transformers(name, tmp_path):
-    hf = build_vlm_model(name)
-    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
-    ids, mask, inputs, _ = batch(name, hf, [2, 1])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions, **inputs).logits
-        ours = model(ids, attention_mask=mask, **inputs)
-    real = mask.bool()
-    assert rel_err(ours[real], theirs[real]) < FP32_TOL
-    one_ids, one_mask, one_inputs, _ = batch(name, hf, [1])
-    expected = hf_generate(hf, one_ids, one_mask, None, 0, **one_inputs)
-    assert torch.equal(
-        minivlm.generate(model, one_ids, one_mask, max_new_tokens=expected.shape[1], **one_inputs), expected
-    )
+    vlm_matches_transformers(name, tmp_path, "on")
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
 def test_text_model_through_kernels_matches_transformers(name, tmp_path):
-    hf = build_text_model(name)
-    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 200, (2, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # a left-padded row (Mistral's window of 5 and Qwen2's of 4 slide past it)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        ours = model(ids, attention_mask=mask)
-    real = mask.bool()
-    assert rel_err(ours[real], theirs[real]) < FP32_TOL
-    expected = hf_generate(hf, ids, mask, None, 0)
-    assert torch.equal(minivlm.generate(model, ids, mask, max_new_tokens=expected.shape[1]), expected)
+    text_model_matches_transformers(name, tmp_path, "on")
 
 
 def test_llama3v_through_kernels_matches_its_reference(tmp_path):
