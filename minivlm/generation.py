@@ -159,13 +159,41 @@ class StopRules:
         ids = {int(s) for s in stop if not isinstance(s, str)}
         return cls(ids | {int(i) for i in eos_token_ids}, strings, tokenizer)
 
-    def hit_string(self, new_ids: list[int]) -> int | None:
-        """Where the earliest stop string starts in the text of new_ids, if one is in it."""
-        if not self.strings:
-            return None
-        text = self.tokenizer.decode(new_ids)
-        found = [i for s in self.strings if (i := text.find(s)) >= 0]
-        return min(found) if found else None
+
+class StopText:
+    """Stop strings found in text as it arrives, however the tokens split it; generate and stream
+    both match with it. `push` takes the next piece of text and returns the part that can be shown
+    (never what might be the start of a stop string: that is held back until it is not) and whether
+    a stop string has ended the text (what it and anything after it would be is dropped)."""
+
+    def __init__(self, strings: list[str]):
+        self.strings, self.held = strings, ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        self.held += piece
+        cut = min((i for s in self.strings if (i := self.held.find(s)) >= 0), default=None)
+        if cut is not None:
+            shown, self.held = self.held[:cut], ""
+            return shown, True
+        keep = _longest_stop_prefix(self.held, self.strings)
+        shown, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return shown, False
+
+    def flush(self) -> str:
+        """The text still held back, once no more comes."""
+        shown, self.held = self.held, ""
+        return shown
+
+
+def _longest_stop_prefix(text: str, strings: list[str]) -> int:
+    """The length of the longest tail of text that is the start of a stop string."""
+    best = 0
+    for s in strings:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -237,17 +265,19 @@ def generate_steps(
         seen.scatter_(1, input_ids.masked_fill(attention_mask[:, past:] == 0, 0), attention_mask[:, past:].bool())
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(sorted(stop.token_ids), dtype=torch.long, device=device)
-    new_ids: list[list[int]] = [[] for _ in range(batch)]
+    # Each row's text as it arrives (special tokens included, as decode() writes them), for the
+    # stop strings: one host sync per step, only when there are stop strings.
+    texts = [(StreamDecoder(stop.tokenizer, skip_special_tokens=False), StopText(stop.strings)) for _ in range(batch)]
     step = DecodeStep(model, cache, attention_mask)
     for i in range(max_new_tokens):
         token = next_tokens(logits, sampling, seen, generator)
         token = torch.where(done, torch.full_like(token, pad), token)
         done = done | torch.isin(token, stop_ids)
-        if stop.strings:  # needs the text on the host: one sync per step, only when asked for
+        if stop.strings:
             for row, t in enumerate(token.tolist()):
                 if not done[row]:
-                    new_ids[row].append(t)
-                    if stop.hit_string(new_ids[row]) is not None:
+                    decoder, matcher = texts[row]
+                    if matcher.push(decoder.push(t))[1]:
                         done[row] = True
         yield token, done
         if i + 1 == max_new_tokens or bool(done.all()):
@@ -353,9 +383,8 @@ def stream(
     rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
     decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
-    strings = rules.strings
-    rules.strings = []  # matched here on the streamed text instead
-    held = ""  # text not yet shown: it may be the start of a stop string
+    # Stop strings are matched here, on the text shown (special tokens left out), not by generate_steps.
+    matcher, rules.strings = StopText(rules.strings), []
     for token, done in generate_steps(
         model,
         input_ids,
@@ -371,30 +400,14 @@ def stream(
         t = int(token[0])
         if on_token is not None:
             on_token(t)
-        if t not in rules.token_ids:
-            held += decoder.push(t)
-        cut = min((i for s in strings if (i := held.find(s)) >= 0), default=None)
-        if cut is not None:
-            if held[:cut]:
-                yield held[:cut]
+        shown, stopped = matcher.push(decoder.push(t) if t not in rules.token_ids else "")
+        if shown:
+            yield shown
+        if stopped:
             return
-        keep = _longest_stop_prefix(held, strings)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
         if bool(done[0]):
             break
-    held += decoder.flush()
-    if held:
-        yield held
-
-
-def _longest_stop_prefix(text: str, strings: list[str]) -> int:
-    """The length of the longest tail of text that is the start of a stop string."""
-    best = 0
-    for s in strings:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    shown, stopped = matcher.push(decoder.flush())
+    shown += "" if stopped else matcher.flush()
+    if shown:
+        yield shown

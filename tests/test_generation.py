@@ -286,3 +286,19 @@ def test_stream_takes_one_prompt(tokenizer):
     model, _ = scripted(tokenizer)
     with pytest.raises(GenerationError, match=r"stream\(\) takes one prompt; input_ids has 2 rows"):
         list(minivlm.stream(model, tokenizer, torch.ones(2, 3, dtype=torch.long)))
+
+
+def test_stop_text_holds_back_a_possible_start_and_cuts_at_the_stop():
+    """The stop-string matcher generate and stream share: text that may begin a stop string is held
+    back until it cannot, a stop string split over pieces is found, and what follows it is dropped."""
+    from minivlm.generation import StopText
+
+    matcher = StopText(["</s>", "END"])
+    assert matcher.push("hello <") == ("hello ", False)  # "<" may begin "</s>"
+    assert matcher.push("b") == ("<b", False)  # it did not
+    assert matcher.push("E") == ("", False)
+    assert matcher.push("N") == ("", False)
+    assert matcher.flush() == "EN"  # no more text: what was held is shown
+    matcher = StopText(["</s>"])
+    assert matcher.push("a</") == ("a", False)
+    assert matcher.push("s>and more") == ("", True)
