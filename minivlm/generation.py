@@ -267,7 +267,11 @@ def generate_steps(
     stop_ids = torch.tensor(sorted(stop.token_ids), dtype=torch.long, device=device)
     # Each row's text as it arrives (special tokens included, as decode() writes them), for the
     # stop strings: one host sync per step, only when there are stop strings.
-    texts = [(StreamDecoder(stop.tokenizer, skip_special_tokens=False), StopText(stop.strings)) for _ in range(batch)]
+    texts = []
+    if stop.strings:
+        texts = [
+            (StreamDecoder(stop.tokenizer, skip_special_tokens=False), StopText(stop.strings)) for _ in range(batch)
+        ]
     step = DecodeStep(model, cache, attention_mask)
     for i in range(max_new_tokens):
         token = next_tokens(logits, sampling, seen, generator)

@@ -13,8 +13,8 @@ Two paths, as the calling module's `kernels` choice says:
   "on":   the Triton kernels, even for CPU tensors, which triton runs only under
           TRITON_INTERPRET=1 (slowly: that is for tests).
 A model makes the choice once, when it is built or loaded (`load_model(kernels=...)`, else the
-environment variable MINIVLM_KERNELS: 1 on, 0 off, unset auto), and `set_kernels` hands it to each
-module that calls an op here.
+environment variable MINIVLM_KERNELS: the same words, see KERNEL_WORDS), and `set_kernels` hands it
+to each module that calls an op here.
 """
 
 from __future__ import annotations

@@ -138,9 +138,13 @@ class MissingRealFiles(RuntimeError):
     pass
 
 
+def smollm2_converted() -> bool:
+    return all((SMOLLM2 / name).is_file() for name in ("model.safetensors", "tokenizer.json", "config.json"))
+
+
 def real_smollm2() -> Path:
     """The converted SmolLM2 checkpoint folder, or a clear error saying how to make it."""
-    if not all((SMOLLM2 / name).is_file() for name in ("model.safetensors", "tokenizer.json", "config.json")):
+    if not smollm2_converted():
         raise MissingRealFiles(
             f"{SMOLLM2} is not there: run `python tests/real_files.py` first (the README's test block does)"
         )
@@ -150,7 +154,7 @@ def real_smollm2() -> Path:
 def convert_smollm2() -> str:
     """Convert the fetched GGUF file into SMOLLM2, once (the conversion moves a finished folder into place)."""
     where = SMOLLM2.relative_to(ROOT.parent.parent)
-    if all((SMOLLM2 / name).is_file() for name in ("model.safetensors", "tokenizer.json", "config.json")):
+    if smollm2_converted():
         return f"smollm2: already converted ({where})"
     gguf = FETCHED["smollm2_gguf"] / GGUF_NAME
     _run([sys.executable, "-m", "minivlm.bench.smollm2", str(gguf), str(SMOLLM2)], ROOT, "converting SmolLM2")

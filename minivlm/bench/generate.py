@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from ..generation import GenerationDefaults, generate
-from .timing import sync
+from ..generation_checks import cache_bytes
+from .timing import call_times, time_call
 from .vlm import vlm_pair
 
 
@@ -50,8 +50,10 @@ def bench_generate(args: argparse.Namespace) -> None:
           f"identical tokens: {same}")  # fmt: skip
 
     first = {
-        "minivlm": repeat(lambda: generate(ours, ids, pixel_values=pixels, max_new_tokens=1), args),
-        "transformers": repeat(lambda: theirs_generate(ids, 1, pixel_values=pixels), args),
+        "minivlm": call_times(
+            lambda: generate(ours, ids, pixel_values=pixels, max_new_tokens=1), args.repeats, args.device
+        ),
+        "transformers": call_times(lambda: theirs_generate(ids, 1, pixel_values=pixels), args.repeats, args.device),
     }
     # Decode: each side's cache holds the prompt and the first token's prefill; n more tokens.
     first_token = expected[:, :1]
@@ -71,8 +73,8 @@ def bench_generate(args: argparse.Namespace) -> None:
 
     decode_same = torch.equal(ours_decode().cpu(), theirs_decode().cpu())
     decode = {
-        "minivlm": [n / s for s in repeat(ours_decode, args)],
-        "transformers": [n / s for s in repeat(theirs_decode, args)],
+        "minivlm": [n / s for s in call_times(ours_decode, args.repeats, args.device)],
+        "transformers": [n / s for s in call_times(theirs_decode, args.repeats, args.device)],
     }
     print(f"each phase timed alone, {args.repeats} runs after a warm-up: median [min - max]; "
           f"decode tokens identical: {decode_same}")  # fmt: skip
@@ -86,7 +88,7 @@ def bench_generate(args: argparse.Namespace) -> None:
     weight_bytes = decode_weight_bytes(ours)
     ours_rate, theirs_rate = statistics.median(decode["minivlm"]), statistics.median(decode["transformers"])
     print(f"decode reads {weight_bytes / 2**30:.2f} GiB of weights a token (and the KV cache: "
-          f"{cache_bytes(cache) / 2**20:.0f} MiB at the end here)")  # fmt: skip
+          f"{cache_bytes(ours, 1, cache.length)[0] / 2**20:.0f} MiB at the end here)")  # fmt: skip
     for what, bandwidth in (
         (f"read bandwidth (a sum over {BANDWIDTH_BYTES // 2**20} MiB)", read_bandwidth(args.device)),
         (f"torch's matrix-vector product ({BANDWIDTH_BYTES // 2**20} MiB of weights)", gemv_bandwidth(args.device)),
@@ -96,20 +98,6 @@ def bench_generate(args: argparse.Namespace) -> None:
               f"{ours_rate / roofline:.0%}, transformers at {theirs_rate / roofline:.0%}")  # fmt: skip
     if args.device.startswith("cuda"):
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both models resident)")
-
-
-def repeat(fn, args: argparse.Namespace) -> list[float]:
-    """Wall times of `args.repeats` calls of fn after one warm-up, each synchronised on CUDA."""
-    times = []
-    with torch.inference_mode():
-        fn()
-        sync(args.device)
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            sync(args.device)
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -130,7 +118,7 @@ BANDWIDTH_BYTES = 512 * 2**20  # far past any CPU cache; a GPU's L2 is at most t
 def read_bandwidth(device: str) -> float:
     """Bytes per second read by a reduction over a 512 MiB float32 buffer: best of 5."""
     buf = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32, device=device)
-    return BANDWIDTH_BYTES / best_time(buf.sum, device)
+    return BANDWIDTH_BYTES / time_call(buf.sum, 5, device)
 
 
 def gemv_bandwidth(device: str) -> float:
@@ -139,22 +127,4 @@ def gemv_bandwidth(device: str) -> float:
     read bandwidth a reduction gets)."""
     weight = torch.ones(BANDWIDTH_BYTES // 4 // 1024, 1024, dtype=torch.float32, device=device)
     x = torch.ones(1, 1024, dtype=torch.float32, device=device)
-    return BANDWIDTH_BYTES / best_time(lambda: torch.nn.functional.linear(x, weight), device)
-
-
-def best_time(fn, device: str) -> float:
-    best = float("inf")
-    for i in range(6):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i:  # the first run is the warm-up
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def cache_bytes(cache) -> int:
-    """The filled part of a KV cache: what a decode step reads of it."""
-    per_slot = sum(t[0, :, 0].numel() * t.element_size() for t in cache.keys + cache.values)
-    return per_slot * cache.length
+    return BANDWIDTH_BYTES / time_call(lambda: torch.nn.functional.linear(x, weight), 5, device)

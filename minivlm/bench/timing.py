@@ -35,9 +35,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, repeats: int, device: str) -> float:
-    """Best wall time of `repeats` calls after one warm-up (best: least disturbed by the OS)."""
-    best = float("inf")
+def call_times(fn, repeats: int, device: str) -> list[float]:
+    """Wall times of `repeats` calls after one warm-up, each synchronised on CUDA."""
+    times = []
     with torch.inference_mode():
         fn()
         sync(device)
@@ -45,8 +45,13 @@ def time_call(fn, repeats: int, device: str) -> float:
             start = time.perf_counter()
             fn()
             sync(device)
-            best = min(best, time.perf_counter() - start)
-    return best
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def time_call(fn, repeats: int, device: str) -> float:
+    """Best wall time of `repeats` calls after one warm-up (best: least disturbed by the OS)."""
+    return min(call_times(fn, repeats, device))
 
 
 def proc_status(field: str) -> int:

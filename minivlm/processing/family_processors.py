@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .chat import ChatTemplateError  # noqa: F401
 from .files import read_json
 from .geometry import SliceConfig
 from .pixels import ImageConfig
