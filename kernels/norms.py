@@ -51,7 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     """As `minivlm.ops.rms_norm`; `out`, if given, a contiguous tensor of x's shape to write into."""
     rows = _rows(x)
     out = (
-        torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
+        torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         if out is None
         else out.view(rows.shape)
     )

@@ -34,7 +34,7 @@ def _triton_kernels():
     """minivlm.kernels, or None when triton cannot be imported (no warning: the plain path serves)."""
     try:
         from . import kernels
-        from .kernels import attention, norms, rope  # noqa: F401  (loads the submodules onto `kernels`)
+        from .kernels import attention, decode, norms, rope  # noqa: F401  (loads the submodules onto `kernels`)
     except ImportError:
         return None
     return kernels
@@ -264,6 +264,45 @@ def attention(
     probs = probs.view(batch, kv_heads, groups * q_len, kv_len)
     out = torch.matmul(probs, v)  # (batch, kv_heads, groups*q_len, head_dim)
     return out.view(batch, heads, q_len, head_dim)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    kv_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    kernels: str = "auto",
+) -> torch.Tensor:
+    """A decode step's attention over a static cache: q (batch, heads, 1, head_dim) at cache slot
+    `slot` (a (1,) long tensor, never read on the host), k_cache and v_cache (batch, kv_heads,
+    max_len, head_dim) filled up to and including that slot. Key j is visible when j <= slot, j is a
+    real token (kv_valid (batch, max_len), if given) and j > slot - window (if given): the rules of
+    `attention` for one query, with the unfilled slots hidden. Returns (batch, heads, 1, head_dim).
+
+    On CUDA (and under "on") the Triton split-KV kernel (`minivlm.kernels.decode`) reads the slot on
+    the device and touches only the filled keys; elsewhere the whole cache goes through SDPA ("auto")
+    or the definition ("off") with the unfilled slots masked. The query's own slot is always visible,
+    so no row is fully masked.
+    """
+    if use_kernels(q, kernels):
+        return _triton_kernels().decode.decode_attention(
+            q, k_cache, v_cache, slot, kv_valid=kv_valid, window=window, scale=scale
+        )
+    keys = torch.arange(k_cache.shape[2], device=q.device)
+    visible = keys <= slot  # (max_len,)
+    if window is not None:
+        visible = visible & (keys > slot - window)
+    visible = visible[None] if kv_valid is None else visible & kv_valid.bool()  # (batch or 1, max_len)
+    if kernels == "off":
+        return attention(q, k_cache, v_cache, causal=False, kv_valid=visible, scale=scale, kernels="off")
+    grouped = q.shape[1] != k_cache.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=grouped
+    )
 
 
 def sdpa_attention(

@@ -127,6 +127,9 @@ ATTENTION_CASES = {
     "decode_three": (1, 4, 2, 3, 47, True, None, None),
     "sliding_window": (1, 4, 2, 40, 40, True, None, 8),
     "sliding_window_long": (1, 2, 1, 150, 150, True, None, 16),  # key blocks wholly outside the window
+    # blocks of one head's rows far enough down that whole key blocks run without masks
+    "prefill_causal_long": (1, 2, 2, 200, 200, True, None, None),
+    "chunk_after_cache": (1, 2, 1, 20, 150, True, None, None),  # the same with the queries past a cache
 }
 
 
