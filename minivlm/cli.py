@@ -53,6 +53,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda, cuda:N or mps (default: cuda where there is one)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each decode step as one torch.compile graph (CUDA graphs on CUDA); the first answer "
+        "waits for the compile (tens of seconds), so it pays for long answers",
+    )
 
 
 def log(message: str) -> None:
@@ -114,6 +120,7 @@ def _generation(args) -> dict:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        compile=args.compile,
     )
 
 

@@ -7,6 +7,14 @@ names follow transformers' LlamaForCausalLM so the hub's keys load as they are.
 The KV cache is static: preallocated for a batch size and a maximum length, written at the cache
 index of each token, so a prefill followed by one-token decode steps computes exactly what one full
 forward computes.
+
+Two ways through the decoder:
+- `forward`: any number of tokens at the cache's host-side length (a prefill; also every decode step
+  of the reference path, which slices the cache to its filled slots, as transformers' cache does);
+- `DecoderLM.decode_step`: one token per row on the fast path, with static shapes and no host
+  value: the slot to write is a device tensor, the KV write is in place by index, attention covers
+  the whole cache with the unfilled slots masked, cos/sin are rows of a precomputed table. That is
+  what torch.compile (and CUDA graphs) can capture once and replay every step.
 """
 
 from __future__ import annotations
@@ -98,6 +106,15 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def write_at(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's write: k, v (batch, kv_heads, 1, head_dim) into the slot held by the
+        device tensor `slot` (1,), in place; returns the layer's whole cache (static shape)."""
+        self.keys[layer].index_copy_(2, slot, k)
+        self.values[layer].index_copy_(2, slot, v)
+        return self.keys[layer], self.values[layer]
+
 
 class Attention(nn.Module):
     kernels = "auto"  # ops.set_kernels: the model's path (fast "auto", reference "off", Triton "on")
@@ -124,7 +141,11 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_valid: torch.Tensor | None,
         cache: KVCache | None,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """slot: a decode step on the fast path (DecoderLM.decode_step): the new token goes to cache
+        slot `slot` (a device tensor) and attends to the whole cache, kv_valid (batch, max_len)
+        marking the real tokens; slots past `slot` are not filled yet and are hidden."""
         batch, seq, _ = x.shape
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -132,6 +153,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin, self.kernels)
 
+        if slot is not None:
+            k, v = cache.write_at(self.layer, k, v, slot)  # (batch, kv_heads, max_len, head_dim)
+            out = ops.decode_attention(q, k, v, slot, kv_valid=kv_valid, window=self.window, kernels=self.kernels)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
         offset = 0
         if cache is not None:
             offset = cache.length
@@ -162,8 +187,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_valid, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache)
+    def forward(self, x, cos, sin, kv_valid, cache, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,6 +246,35 @@ class TextModel(nn.Module):
             cache.length += seq
         return self.norm(x)
 
+    def rope_table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (length, head_dim) of positions 0 .. length - 1, for decode steps to index."""
+        positions = torch.arange(length, device=self.inv_freq.device)[None]  # (1, length)
+        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, dtype)
+        return cos[0], sin[0]
+
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slot: torch.Tensor,
+        kv_valid: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """One token per row on the fast path: inputs_embeds (batch, 1, hidden) -> hidden (batch, 1, hidden).
+
+        positions (batch, 1): each row's RoPE position (real tokens before it); slot (1,): the cache
+        slot to write, as a device tensor; kv_valid (batch, max_len) or None: which slots hold real
+        tokens; rope: `rope_table(max_len)`. Nothing here reads a host value that changes from step
+        to step, and no shape depends on the step, so one compiled graph serves every step. The
+        caller advances positions, slot and cache.length.
+        """
+        cos, sin = rope[0][positions], rope[1][positions]  # (batch, 1, head_dim)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_valid, cache, slot)
+        return self.norm(x)
+
 
 class DecoderLM(nn.Module):
     """A text-only checkpoint (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): ids -> logits."""
@@ -257,3 +311,17 @@ class DecoderLM(nn.Module):
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
+
+    def decode_step(
+        self,
+        token: torch.Tensor,
+        positions: torch.Tensor,
+        slot: torch.Tensor,
+        kv_valid: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """The fast path's decode step (TextModel.decode): token (batch,) -> next logits (batch, vocab).
+        The function `torch.compile` wraps (generation's `compile=True`)."""
+        hidden = self.model.decode(self.model.embed_tokens(token[:, None]), positions, slot, kv_valid, rope, cache)
+        return self.lm_head(hidden[:, -1])

@@ -10,15 +10,16 @@ temperature, top-k, top-p; temperature 0 is greedy. A finished row is fed paddin
 padded with pad_token_id, as transformers pads it) until every row is done, so a left-padded
 batch gives each row exactly the tokens it gets alone.
 
-The loop keeps tokens on the device: the host waits on it once per step only to ask whether
-every row is done (and to read the token where streaming or a stop string needs the text).
+The loop keeps tokens on the device. The host asks whether every row is done only every
+`check_every` steps (generate: every 8, so a finished batch runs at most 7 steps too many, whose
+tokens are cut off), and reads a token only where streaming or a stop string needs the text. The
+steps themselves (prefill, decode_step, sample) are in steps.py; `compile=True` compiles the
+decode step there.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,9 +27,19 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .decoder import DecoderLM, KVCache
+from .decoder import KVCache
 from .generation_checks import GenerationError, check_cache_memory, check_mask, check_prompt, check_seed, new_cache
 from .processing.tokenizer import StreamDecoder, Tokenizer
+from .steps import (  # noqa: F401  (Sampling and its parts are part of this module's surface)
+    DecodeStep,
+    Sampling,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    check_compile,
+    prefill,
+    sample,
+)
 
 
 @dataclass(frozen=True)
@@ -61,79 +72,6 @@ def defaults_of(model: nn.Module) -> GenerationDefaults:
         return found
     text = getattr(model.config, "text", model.config)
     return GenerationDefaults(tuple(text.eos_token_id), text.pad_token_id, text.max_positions)
-
-
-# -- choosing the next token -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen from the last logits. temperature 0: greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off
-
-    def __post_init__(self):
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise GenerationError(f"{name} {value!r}: expected a finite number")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
-            raise GenerationError(f"top_k {self.top_k!r}: expected a whole number (0 is off)")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature {self.temperature}: expected 0 (greedy) or more")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k {self.top_k}: expected 0 (off) or a positive count")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p {self.top_p}: expected a probability mass in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty {self.repetition_penalty}: expected more than 0 (1 is off)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits (batch, vocab); seen (batch, vocab) bool: tokens already in the row. A seen token's
-    logit is divided by the penalty if positive and multiplied by it if negative (CTRL's rule)."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (all that tie with the k-th too); the rest -> -inf."""
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the most likely tokens whose probabilities sum to at least p (at least one token);
-    the rest -> -inf. As transformers: drop, from the least likely up, while the mass dropped
-    stays at or below 1 - p."""
-    ascending, order = torch.sort(logits, dim=-1)
-    dropped_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = dropped_mass <= 1 - p
-    drop[..., -1] = False  # the most likely token always stays
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None, generator) -> torch.Tensor:
-    """logits (batch, vocab) of the last position -> (batch,) token ids."""
-    logits = logits.float()
-    if sampling.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        logits = apply_top_k(logits, sampling.top_k)
-    if sampling.top_p < 1.0:
-        logits = apply_top_p(logits, sampling.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 # -- stopping ----------------------------------------------------------------------------------
@@ -211,15 +149,21 @@ def generate_steps(
     seed: int | None = None,
     cache: KVCache | None = None,
     check_memory: bool = True,
+    compile: bool = False,
+    check_every: int = 1,
     **image_inputs,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields (tokens (batch,), done (batch,) bool) for each new position, the tokens already
-    padded where a row had finished before. Stops when every row is done or after max_new_tokens.
+    padded where a row had finished before. Stops after max_new_tokens, or once every row is done:
+    asked every `check_every` steps (1: at once; more: fewer host syncs, and up to check_every - 1
+    steps of padding after the last row finished, which the caller cuts).
 
     cache: an existing KV cache whose filled slots are the context before input_ids (a chat's
     earlier turns); attention_mask then covers those slots too. None: a fresh cache.
     check_memory: refuse (GenerationError) a KV cache larger than the memory the device has
     available before allocating it; False skips the check (memory the OS would swap in, say).
+    compile: run the decode step under torch.compile (steps.DecodeStep); the first steps then
+    include the compile time.
     """
     defaults = defaults_of(model)
     past = cache.length if cache is not None else 0
@@ -235,6 +179,8 @@ def generate_steps(
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             raise GenerationError(f"input_ids hold the id {bad}; the model's vocabulary has ids 0 to {vocab - 1}")
+    if compile:
+        check_compile(model)
     stop = stop or StopRules(set(defaults.eos_token_ids))
     batch, prompt_len = input_ids.shape
     device = input_ids.device
@@ -253,12 +199,7 @@ def generate_steps(
     if not sampling.greedy:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) if seed is not None else torch.seed())
-    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **image_inputs)[:, -1]
-    if bool((logits.isnan() | logits.isposinf()).any()):  # once, after the prefill: no sync per step
-        raise GenerationError(  # (-inf is a masked token, not a fault)
-            "the model's logits for the prompt hold NaN or +inf: its weights or inputs do "
-            "(python -m minivlm doctor PATH lists NaN/Inf weights)"
-        )
+    logits = prefill(model, input_ids, attention_mask, cache, **image_inputs)
     seen = None
     if sampling.repetition_penalty != 1.0:  # the tokens of each row so far, padding left out
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # (batch, vocab)
@@ -272,9 +213,9 @@ def generate_steps(
         texts = [
             (StreamDecoder(stop.tokenizer, skip_special_tokens=False), StopText(stop.strings)) for _ in range(batch)
         ]
-    step = DecodeStep(model, cache, attention_mask)
+    step = DecodeStep(model, cache, attention_mask, compile=compile)
     for i in range(max_new_tokens):
-        token = next_tokens(logits, sampling, seen, generator)
+        token = sample(logits, sampling, seen, generator)
         token = torch.where(done, torch.full_like(token, pad), token)
         done = done | torch.isin(token, stop_ids)
         if stop.strings:
@@ -284,33 +225,11 @@ def generate_steps(
                     if matcher.push(decoder.push(t))[1]:
                         done[row] = True
         yield token, done
-        if i + 1 == max_new_tokens or bool(done.all()):
+        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
             return
         if seen is not None:
             seen[torch.arange(batch, device=device), token] = True
         logits = step(token)
-
-
-class DecodeStep:
-    """One decode step: the new token of every row in, the next logits out, the cache and the
-    attention mask grown by one. A VLM decodes with its language model alone: a generated token
-    is text, even one that happens to be the image token's id (as in transformers)."""
-
-    def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor):
-        self.model = getattr(model, "language_model", model)
-        # Sampled ids are rows of lm_head, so inside the vocabulary: the model's check of its input
-        # ids (a host sync) is skipped where it can be.
-        self.options = {"check_ids": False} if isinstance(self.model, DecoderLM) else {}
-        self.cache, self.mask = cache, attention_mask
-        # Without padding the mask says nothing that positions 0, 1, 2, ... do not: leave it out,
-        # and each step is spared building and applying it (one host sync here, not one a step).
-        self.padded = not bool(attention_mask.all())
-
-    def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        if not self.padded:
-            return self.model(token[:, None], cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        return self.model(token[:, None], self.mask, cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
 
 
 def generate(
@@ -327,6 +246,7 @@ def generate(
     stop=None,
     tokenizer: Tokenizer | None = None,
     check_memory: bool = True,
+    compile: bool = False,
     **image_inputs,
 ) -> torch.Tensor:
     """The new token ids (batch, new) after the prompt; rows that finished early are padded with
@@ -340,6 +260,10 @@ def generate(
     seed that is no integer, a prompt that fills the context. check_memory (default True) refuses a
     KV cache for prompt + max_new_tokens larger than the device's available memory (CUDA's free
     memory, the CPU's MemAvailable) before allocating it; check_memory=False skips that check.
+
+    compile: run each decode step under torch.compile (one graph, made on the first call for this
+    model and cache size; see steps.py). It pays where a generation is long enough to repay the
+    compile (tens of seconds on a CPU), so it is off by default.
     """
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
     rules = StopRules.build(stop, defaults_of(model).eos_token_ids, tokenizer)
@@ -352,10 +276,19 @@ def generate(
         stop=rules,
         seed=seed,
         check_memory=check_memory,
+        compile=compile,
+        check_every=CHECK_EVERY,
         **image_inputs,
     )
-    tokens = [token for token, _ in steps]
-    return torch.stack(tokens, dim=1)
+    tokens, done = zip(*steps)
+    # The steps after the one where every row was done (up to CHECK_EVERY - 1 of them) are padding:
+    # cut them, with the one host sync this needs.
+    finished = torch.stack(done).all(dim=1)  # (steps,)
+    n = int(finished.nonzero()[0]) + 1 if bool(finished.any()) else len(tokens)
+    return torch.stack(tokens[:n], dim=1)
+
+
+CHECK_EVERY = 8  # generate(): decode steps between the host's questions "is every row done?"
 
 
 def stream(
@@ -374,13 +307,14 @@ def stream(
     on_token=None,
     cache: KVCache | None = None,
     check_memory: bool = True,
+    compile: bool = False,
     **image_inputs,
 ) -> Iterator[str]:
     """One prompt's answer as text pieces, as the tokens arrive: never half a UTF-8 character,
     special tokens left out, a stop string and what follows it never shown (text that might be
     the start of one is held back until it is not). on_token(id) sees every new id. An id the
-    tokenizer lacks (an embedding row past its vocabulary) shows as nothing. The arguments and
-    check_memory are generate()'s."""
+    tokenizer lacks (an embedding row past its vocabulary) shows as nothing. The arguments,
+    check_memory and compile are generate()'s."""
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
         raise GenerationError(f"stream() takes one prompt; input_ids has {input_ids.shape[0]} rows (use generate)")
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -399,6 +333,7 @@ def stream(
         seed=seed,
         cache=cache,
         check_memory=check_memory,
+        compile=compile,
         **image_inputs,
     ):
         t = int(token[0])

@@ -23,7 +23,7 @@ from minivlm.generation import (
     apply_top_k,
     apply_top_p,
     generate_steps,
-    next_tokens,
+    sample,
 )
 
 NEW = 10
@@ -154,7 +154,7 @@ def test_temperature_and_sampling_follow_the_softmax():
     """Empirical frequencies of 20000 draws match softmax(logits / T) after top-k."""
     g = torch.Generator().manual_seed(0)
     logits = LOGITS[:1].expand(20000, -1)
-    draws = next_tokens(logits, Sampling(temperature=1.7, top_k=5), None, g)
+    draws = sample(logits, Sampling(temperature=1.7, top_k=5), None, g)
     freq = torch.bincount(draws, minlength=8).float() / len(draws)
     expect = apply_top_k(LOGITS[:1] / 1.7, 5).softmax(-1)[0]
     assert (freq - expect).abs().max() < 0.015
