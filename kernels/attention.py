@@ -168,14 +168,19 @@ def _attention_kernel(
 # the tiles of triton's fused-attention tutorial, smaller where the head is wide so that q, k, v
 # and the fp32 accumulator fit the registers (tests/test_kernels_compile.py checks for spills).
 TILES = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 2)}
+# fp32 runs its products on the FMA units (input_precision "ieee", to stay fp32-exact), which
+# hold the tiles in registers: smaller tiles, or they spill.
+TILES_FP32 = {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)}
 DECODE_TILE = (16, 64, 4, 2)  # a decode step's few rows (the group's heads) fill one small block
+DECODE_TILE_FP32 = (16, 32, 4, 2)
 
 
-def tile(head_dim: int, rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim and this many rows per KV head."""
+def tile(head_dim: int, rows: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim, this many rows per KV head and dtype."""
+    fp32 = dtype == torch.float32
     if rows <= 16:
-        return DECODE_TILE
-    return TILES[max(triton.next_power_of_2(head_dim), 16)]
+        return DECODE_TILE_FP32 if fp32 else DECODE_TILE
+    return (TILES_FP32 if fp32 else TILES)[max(triton.next_power_of_2(head_dim), 16)]
 
 
 def attention(
@@ -202,7 +207,7 @@ def attention(
     if out is None:
         out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
     rows = groups * q_len
-    block_m, block_n, warps, stages = tile(head_dim, rows)
+    block_m, block_n, warps, stages = tile(head_dim, rows, q.dtype)
     valid = kv_valid.to(torch.int8) if kv_valid is not None else q.new_empty(1, 1, dtype=torch.int8)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     unit = stride_unit(strides)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETED, MASKED, stride_unit
+from .attention import DECODE_TILE, DECODE_TILE_FP32, INTERPRETED, MASKED, stride_unit
 
 LOG2E = 1.4426950408889634
 
@@ -137,7 +137,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-BLOCK_N = 64
 MAX_SPLITS = 64
 
 
@@ -146,7 +145,7 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
     more parts than blocks of the cache, at most MAX_SPLITS. A function of shapes and the device
     alone, so every step of one generation launches the same grid."""
     wanted = triton.cdiv(2 * _sm_count(device), batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(max_len, BLOCK_N), MAX_SPLITS))
+    return max(1, min(wanted, triton.cdiv(max_len, DECODE_TILE[1]), MAX_SPLITS))
 
 
 def decode_attention(
@@ -175,6 +174,7 @@ def decode_attention(
     strides = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3])
     unit = stride_unit(strides)
     block_d = max(triton.next_power_of_2(head_dim), 16)
+    _, block_n, warps, stages = DECODE_TILE_FP32 if q.dtype == torch.float32 else DECODE_TILE
     scale = head_dim**-0.5 if scale is None else scale
     _decode_split_kernel[(batch * kv_heads, splits)](
         q, k_cache, v_cache, valid, slot, part_out, part_lse,
@@ -182,7 +182,7 @@ def decode_attention(
         kv_heads, groups, window or 0, scale * LOG2E,
         SPLITS=splits, STRIDE_UNIT=unit, HAS_VALID=kv_valid is not None, HAS_WINDOW=window is not None,
         FP32_DOT=q.dtype == torch.float32 or INTERPRETED, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_H=max(triton.next_power_of_2(groups), 16), BLOCK_N=BLOCK_N,
+        BLOCK_H=max(triton.next_power_of_2(groups), 16), BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     out_unit = stride_unit(out.stride()[:2])
     _decode_combine_kernel[(batch * heads,)](
