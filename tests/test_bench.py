@@ -3,6 +3,7 @@ which extra to install when transformers is missing."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,9 +11,15 @@ import sys
 from real_files import real_folder
 
 
-def bench(*args: str) -> str:
-    """stdout of `python -m minivlm bench ARGS`, which must exit 0."""
-    out = subprocess.run([sys.executable, "-m", "minivlm", "bench", *args], capture_output=True, text=True, timeout=300)
+def bench(*args: str, env: dict | None = None) -> str:
+    """stdout of `python -m minivlm bench ARGS` (with `env` added to the environment), which must exit 0."""
+    out = subprocess.run(
+        [sys.executable, "-m", "minivlm", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -43,6 +50,24 @@ def test_bench_tokenizer_on_real_llama3_takes_tiktoken():
 def test_bench_generate_runs_and_agrees_with_transformers():
     out = bench("generate", "--preset", "tiny", "--new-tokens", "4", "--text-tokens", "6", "--repeats", "1")
     assert "identical tokens: True" in out and "decode (tokens/s)" in out
+
+
+def test_bench_generate_compiled_times_the_compile_apart():
+    fast = {"MINIVLM_KERNELS": "auto"}  # the suite runs the reference path, which does not compile
+    out = bench(
+        "generate",
+        "--preset",
+        "tiny",
+        "--new-tokens",
+        "4",
+        "--text-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--compile",
+        env=fast,
+    )
+    assert "compile=True: the first decode run" in out and "decode tokens identical: True" in out
 
 
 def test_bench_kernels_says_it_needs_cuda_without_one():

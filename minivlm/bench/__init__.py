@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
     _vlm_args(gen)
     gen.add_argument("--new-tokens", type=positive_int, default=64)
     gen.add_argument("--repeats", type=positive_int, default=3)
+    gen.add_argument(
+        "--compile", action="store_true", help="minivlm decodes with compile=True (the compile timed on its own)"
+    )
     gen.set_defaults(run=bench_generate)
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
