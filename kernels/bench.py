@@ -8,7 +8,6 @@ which the memory-bound kernels are judged against. CUDA only: the CPU interprete
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +20,6 @@ def _time(fn, repeats: int = 50) -> float:
     from minivlm.bench import time_call
 
     return time_call(fn, repeats, "cuda")
-
-
-def _with_kernels(flag: str, fn):
-    def run():
-        os.environ["MINIVLM_KERNELS"] = flag
-        return fn()
-
-    return run
 
 
 def copy_bandwidth() -> float:
@@ -68,21 +59,21 @@ def run(args: argparse.Namespace) -> None:
         w = torch.randn(hidden, dtype=dtype, device=dev)
         b = torch.randn(hidden, dtype=dtype, device=dev)
         moved = 2 * x.numel() * x.element_size()
-        fast = _time(_with_kernels("1", lambda: ops.rms_norm(x, w, 1e-6)))
+        fast = _time(lambda: ops.rms_norm(x, w, 1e-6, kernels="on"))
         _row(
             f"rms_norm {tokens}x{hidden}",
             fast,
             moved,
             "GB/s",
-            {"eager": _time(_with_kernels("0", lambda: ops.rms_norm(x, w, 1e-6)))},
+            {"eager": _time(lambda: ops.rms_norm(x, w, 1e-6, kernels="off"))},
         )
-        fast = _time(_with_kernels("1", lambda: ops.layer_norm(x, w, b, 1e-6)))
+        fast = _time(lambda: ops.layer_norm(x, w, b, 1e-6, kernels="on"))
         _row(
             f"layer_norm {tokens}x{hidden}",
             fast,
             moved,
             "GB/s",
-            {"eager": _time(_with_kernels("0", lambda: ops.layer_norm(x, w, b, 1e-6)))},
+            {"eager": _time(lambda: ops.layer_norm(x, w, b, 1e-6, kernels="off"))},
         )
 
     for seq in (1, 4096):
@@ -90,13 +81,13 @@ def run(args: argparse.Namespace) -> None:
         k = torch.randn(1, seq, 8, 128, dtype=dtype, device=dev).transpose(1, 2)
         cos, sin = (torch.randn(1, seq, 128, dtype=dtype, device=dev) for _ in range(2))
         moved = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
-        fast = _time(_with_kernels("1", lambda: ops.apply_rope(q, k, cos, sin)))
+        fast = _time(lambda: ops.apply_rope(q, k, cos, sin, kernels="on"))
         _row(
             f"rope q 32x{seq}x128, k 8x{seq}x128",
             fast,
             moved,
             "GB/s",
-            {"eager": _time(_with_kernels("0", lambda: ops.apply_rope(q, k, cos, sin)))},
+            {"eager": _time(lambda: ops.apply_rope(q, k, cos, sin, kernels="off"))},
         )
 
     # prefill: (batch, heads, kv_heads, tokens, head_dim, causal)
@@ -110,8 +101,8 @@ def run(args: argparse.Namespace) -> None:
         k = torch.randn(batch, kv_heads, tokens, head_dim, dtype=dtype, device=dev)
         v = torch.randn_like(k)
         flops = 4 * batch * heads * tokens * tokens * head_dim / (2 if causal else 1)
-        fast = _time(_with_kernels("1", lambda: ops.attention(q, k, v, causal=causal)))
-        base = {"eager": _time(_with_kernels("0", lambda: ops.attention(q, k, v, causal=causal)))}
+        fast = _time(lambda: ops.attention(q, k, v, causal=causal, kernels="on"))
+        base = {"eager": _time(lambda: ops.attention(q, k, v, causal=causal, kernels="off"))}
         try:
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads)  # noqa: E731
@@ -126,17 +117,23 @@ def run(args: argparse.Namespace) -> None:
             base,
         )
 
-    for kv_len in (1024, 8192):
+    # decode: one query per head against a cache of kv_len filled slots, Llama-3-8B's heads
+    for kv_len in (1024, 8192, 32768):
         q = torch.randn(1, 32, 1, 128, dtype=dtype, device=dev)
         k = torch.randn(1, 8, kv_len, 128, dtype=dtype, device=dev)
         v = torch.randn_like(k)
+        slot = torch.tensor([kv_len - 1], device=dev)
         moved = 2 * k.numel() * k.element_size()
-        fast = _time(_with_kernels("1", lambda: ops.attention(q, k, v, causal=True, q_offset=kv_len - 1)))
-        base = {"eager": _time(_with_kernels("0", lambda: ops.attention(q, k, v, causal=True, q_offset=kv_len - 1)))}
-        base["sdpa"] = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        _row(f"decode attention h32/8 kv {kv_len} d128", fast, moved, "GB/s", base)
+        fast = _time(lambda: ops.decode_attention(q, k, v, slot, kernels="on"))
+        base = {
+            "eager": _time(lambda: ops.attention(q, k, v, causal=True, q_offset=kv_len - 1, kernels="off")),
+            "one block per KV head": _time(
+                lambda: ops.attention(q, k, v, causal=True, q_offset=kv_len - 1, kernels="on")
+            ),
+            "sdpa": _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+        }
+        _row(f"decode attention (split-KV) h32/8 kv {kv_len} d128", fast, moved, "GB/s", base)
         print(f"  ({moved / fast / 1e9 / bandwidth:.0%} of the copy bandwidth)")
-    os.environ.pop("MINIVLM_KERNELS", None)
 
 
 if __name__ == "__main__":

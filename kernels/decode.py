@@ -131,6 +131,7 @@ def _decode_combine_kernel(
     )
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: read once, at trace time
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; elsewhere (the interpreter) a small stand-in."""
