@@ -2,6 +2,7 @@
 
 generate   answer a prompt about images, streamed to stdout
 chat       an interactive chat that keeps its KV cache between turns
+quantize   save a checkpoint quantized (int8 or int4)
 download   fetch a hub checkpoint into weights/
 bench      benchmarks against transformers, in the same process
 parity     minivlm against transformers, layer by layer, on one checkpoint
@@ -23,6 +24,7 @@ from .processing.chat import ChatTemplateError
 from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError
+from .quant import QuantError
 
 # Errors about the user's input or files: one line on stderr, no traceback. Anything else is a bug
 # of ours and keeps its traceback.
@@ -35,6 +37,7 @@ USER_ERRORS = (
     KernelsError,
     ParityError,
     ProcessorError,
+    QuantError,
     TokenizerError,
 )
 

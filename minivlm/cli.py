@@ -29,6 +29,15 @@ def add_parsers(sub) -> None:
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(run=run_chat)
 
+    quant = sub.add_parser(
+        "quantize", help="save a checkpoint quantized (int8 or int4), to load without quantizing again"
+    )
+    quant.add_argument("--model", required=True, help="a checkpoint folder or a hub id")
+    quant.add_argument("--quantize", required=True, choices=["int8", "int4"])
+    _quant_args(quant)
+    quant.add_argument("--output", required=True, help="the new checkpoint folder")
+    quant.set_defaults(run=run_quantize)
+
     down = sub.add_parser("download", help="fetch a hub checkpoint into weights/ (resumable)")
     down.add_argument("hub_id", nargs="?", default=DEFAULT_MODEL)
     down.set_defaults(run=run_download)
@@ -54,11 +63,30 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="cpu, cuda, cuda:N or mps (default: cuda where there is one)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="quantize the decoder's weights as they load (weight-only; the activations keep --dtype)",
+    )
+    _quant_args(p)
+    p.add_argument(
         "--compile",
         action="store_true",
         help="run each decode step as one torch.compile graph (CUDA graphs on CUDA); the first answer "
         "waits for the compile (tens of seconds), so it pays for long answers",
     )
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: inputs per scale (default 64)")
+    p.add_argument(
+        "--quantize-parts",
+        help="comma-separated: decoder (the default), lm_head, vision, connector",
+    )
+
+
+def _quant_options(args) -> dict:
+    parts = args.quantize_parts.split(",") if args.quantize_parts else None
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_parts=parts)
 
 
 def log(message: str) -> None:
@@ -74,7 +102,7 @@ def _load(args):
     start = time.perf_counter()
     folder = resolve_checkpoint(args.model)
     dtype = args.dtype or ("float32" if args.device == "cpu" else None)
-    model = load_model(folder, dtype=dtype, device=args.device)
+    model = load_model(folder, dtype=dtype, device=args.device, **_quant_options(args))
     processor = load_processor(folder)
     weight = next(model.parameters())
     log(f"loaded {folder} ({weight.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s")
@@ -273,6 +301,18 @@ def run_chat(args) -> None:
 
 def _dropped(images: list) -> str:
     return f" (with its {len(images)} image(s): attach them again with /image)" if images else ""
+
+
+def run_quantize(args) -> None:
+    from .hub import resolve_checkpoint
+    from .load import load_model
+    from .quant import save_quantized
+
+    folder = resolve_checkpoint(args.model)
+    start = time.perf_counter()
+    model = load_model(folder, kernels="off", **_quant_options(args))  # the stored layout, not the CPU kernel's
+    print(save_quantized(model, folder, args.output).resolve())
+    log(f"quantized {folder} ({model.quantization.scheme}) in {time.perf_counter() - start:.1f} s")
 
 
 def run_download(args) -> None:

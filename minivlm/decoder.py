@@ -291,7 +291,7 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache on the model's device and in its dtype."""
-        weight = self.lm_head.weight
+        weight = self.model.embed_tokens.weight  # never quantized: the model's dtype and device
         return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
 
     def forward(

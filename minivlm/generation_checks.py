@@ -179,7 +179,7 @@ def cache_bytes(model: nn.Module, batch: int, slots: int) -> tuple[int, torch.de
     """The bytes of a KV cache of batch rows of slots tokens for model, and the device it goes on."""
     lm = getattr(model, "language_model", model)
     config = lm.config
-    weight = lm.lm_head.weight
+    weight = lm.model.embed_tokens.weight  # never quantized: the model's dtype and device
     per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * weight.element_size()
     return batch * slots * per_slot, weight.device
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from .processing.family_processors import Idefics3Processor, Llama3VProcessor, L
 from .processing.files import open_regular, read_json
 from .processing.processor import Processor, ProcessorError
 from .processing.tokenizer import TokenizerError
+from .quant import QuantConfig, QuantError, saved_quantization
+from .quant import prepare as prepare_quantized
 from .vlm import Idefics3, Llama3V, Llava, LlavaNext
 from .weights import IDEFICS3_KEYS, LLAMA3V_KEYS, LLAVA_KEYS, TEXT_KEYS, KeyTable, load_weights
 
@@ -110,6 +112,9 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     kernels: str | bool | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
 
@@ -121,13 +126,32 @@ def load_model(
     config.json's sizes are bounded (config.SIZE_LIMITS; MINIVLM_TRUST_CONFIG=1 lifts the bounds),
     and every tensor's name, shape and dtype is checked against the model from the headers alone,
     before any memory is allocated for weights. `python -m minivlm doctor PATH` lists every problem.
+
+    quantize: "int8" or "int4" quantizes the weights of the linear layers as they are read (quant.py):
+    those of `quantize_parts` ("decoder", the default, "lm_head", "vision", "connector"), int4 in
+    groups of `group_size` inputs (32, 64 (the default) or 128). A checkpoint saved quantized
+    (quant.save_quantized) loads as it was saved, and takes no quantize argument.
     """
     folder = resolve_checkpoint(path_or_id)
     family, config = read_family_config(folder)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     kernels = ops.kernels_choice(kernels)
     ops.check_kernels_device(kernels, torch.device(device))
-    model = load_weights(lambda: family.module(config, kernels), folder, family.keys, dtype, torch.device(device))
+    quant = QuantConfig.parse(quantize, group_size, quantize_parts)
+    saved = saved_quantization(folder)
+    if saved is not None and quant is not None:
+        raise QuantError(f"{folder} is saved quantized ({saved.scheme}); load it without quantize=")
+    model = load_weights(
+        lambda: family.module(config, kernels),
+        folder,
+        family.keys,
+        dtype,
+        torch.device(device),
+        quant=saved or quant,
+        prequantized=saved is not None,
+    )
+    prepare_quantized(model)
+    model.quantization = saved or quant
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
     return model
 

@@ -188,7 +188,7 @@ def compiled_decode_step(model: DecoderLM):
     error, not a silent slowdown); static shapes, so a new cache size compiles again."""
     compiled = model.__dict__.get("_compiled_decode_step")
     if compiled is None:
-        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+        mode = "reduce-overhead" if model.model.embed_tokens.weight.is_cuda else None
         compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
         model.__dict__["_compiled_decode_step"] = compiled
     return compiled

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, TensorEntry, find_tensors, read_as
+from .quant import QuantConfig, quant_targets, quantize_weight, swap_in
 
 # ---------------------------------------------------------------------------------------------
 # Key tables: checkpoint names -> module names, one per family
@@ -103,15 +104,24 @@ def load_weights(
     table: KeyTable,
     dtype: torch.dtype,
     device: torch.device,
+    quant: QuantConfig | None = None,
+    prequantized: bool = False,
 ) -> nn.Module:
     """Build the module tree on the meta device, then fill it from the folder's safetensors.
 
     Floating-point tensors are cast to `dtype`; integer buffers keep theirs. Every parameter must
     come from the file with its exact shape; tied parameters (the same Parameter reachable under
     two names) need only one of their names in the file.
+
+    quant: quantize the linear layers of `quant.parts` (quant.py). prequantized False: the files
+    hold full-precision weights, each quantized as it is read (only one full-precision tensor is in
+    memory at a time); True: the files hold the quantized layout (save_quantized).
     """
     with torch.device("meta"), skip_init():
         model = build()
+        targets = quant_targets(model, quant.parts) if quant is not None else []
+        if prequantized:  # the files hold the quantized layout: expect it
+            swap_in(model, targets, quant, dtype)
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor; tied names share one object
     tied_groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
@@ -120,10 +130,21 @@ def load_weights(
     # Plan from the headers alone: every name, shape and dtype is checked before any data is read,
     # and the parameter count config.json describes against what the files hold.
     plan = plan_tensors(expected, tied_groups, find_tensors(folder), table, folder)
+    quantize_at_read = {} if prequantized else {f"{t}.weight": t for t in targets}
+    if quantize_at_read:
+        with torch.device("meta"):
+            swap_in(model, targets, quant, dtype)
 
     loaded: dict[str, torch.Tensor] = {}
     for names in tied_groups.values():
-        present = [n for n in names if n in plan]
+        stored = [n for n in names if n in plan]
+        for n in (n for n in names if n in quantize_at_read):  # read in fp32, kept only quantized
+            parts = quantize_weight(read_as(plan[n if n in plan else stored[0]], torch.float32, CPU), quant, dtype)
+            loaded.update({f"{quantize_at_read[n]}.{k}": v.to(device) for k, v in parts.items()})
+        names = [n for n in names if n not in quantize_at_read]
+        if not names:
+            continue
+        present = [n for n in names if n in plan] or stored[:1]  # an untied name may take a quantized one's tensor
         tensors = {n: read_as(plan[n], dtype, device) for n in present}
         first = tensors[present[0]]
         if all(_same_values(t, first) for t in tensors.values()):
@@ -137,13 +158,18 @@ def load_weights(
 
     model.load_state_dict(loaded, strict=True, assign=True)
     # assign=True made a new Parameter under each name: tie again the names that share a tensor.
-    for first, *others in tied_groups.values():
-        for n in others:
+    for group in tied_groups.values():
+        kept = [n for n in group if n not in quantize_at_read]
+        for n in kept[1:]:
+            first = kept[0]
             if loaded[n] is loaded[first]:
                 owner, _, attr = n.rpartition(".")
                 setattr(model.get_submodule(owner), attr, model.get_parameter(first))
     # Parameters are in place already; this moves the derived buffers (RoPE's inv_freq) along.
     return model.to(device).eval()
+
+
+CPU = torch.device("cpu")
 
 
 @dataclass

@@ -4,6 +4,7 @@
     loader     loader.py     checkpoint load time and peak host memory, and a text forward pass
     vlm        vlm.py        the vision tower and an image + prompt forward of a LLaVA model
     generate   generate.py   time to first token and decode speed against transformers' generate
+    quant      quant.py      int8/int4 against the unquantized model: speed and load memory, or quality
     tokenizer  tokenizer.py  encode speed against transformers' fast tokenizer
     kernels    (minivlm.kernels.bench) the Triton kernels against torch eager and SDPA, CUDA only
 
@@ -19,6 +20,7 @@ import argparse
 
 from .generate import bench_generate
 from .loader import bench_loader
+from .quant import bench_quant
 from .timing import proc_status, time_call
 from .tokenizer import bench_tokenizer
 from .vlm import VLM_PRESETS, bench_vlm
@@ -77,6 +79,17 @@ def add_parser(sub) -> None:
         "--compile", action="store_true", help="minivlm decodes with compile=True (the compile timed on its own)"
     )
     gen.set_defaults(run=bench_generate)
+    quant = which.add_parser("quant", help="int8/int4 against the unquantized model: speed and memory, or quality")
+    quant.add_argument("--preset", choices=sorted(VLM_PRESETS), default="small", help="speed: a random-weight preset")
+    quant.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    quant.add_argument("--device", default="cpu")
+    quant.add_argument("--new-tokens", type=positive_int, default=32)
+    quant.add_argument("--repeats", type=positive_int, default=3)
+    quant.add_argument("--model", help="quality instead: a real trained checkpoint folder (e.g. tests/.real/smollm2)")
+    quant.add_argument("--corpus", help="quality: a UTF-8 text file (default: Python's standard library docstrings)")
+    quant.add_argument("--window", type=positive_int, default=256, help="quality: tokens per scored window")
+    quant.add_argument("--windows", type=positive_int, default=40, help="quality: at most this many windows")
+    quant.set_defaults(run=bench_quant)
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=positive_int, default=1_000_000)

