@@ -34,7 +34,7 @@ def _triton_kernels():
     """minivlm.kernels, or None when triton cannot be imported (no warning: the plain path serves)."""
     try:
         from . import kernels
-        from .kernels import attention, decode, norms, rope  # noqa: F401  (loads the submodules onto `kernels`)
+        from .kernels import attention, decode, norms, quant, rope  # noqa: F401  (loads the submodules onto `kernels`)
     except ImportError:
         return None
     return kernels

@@ -16,7 +16,9 @@ kernels="off") dequantizes in fp32 and rounds once to the activations' dtype.
 
 Fast paths (kernels="auto"): on the CPU, torch's weight-only kernels (`_weight_int8pack_mm`;
 `_weight_int4pack_mm_for_cpu` over the weights repacked at load into its own layout); on CUDA,
-the Triton kernel in minivlm.kernels.quant. tests/test_quant.py measures how close each is.
+the Triton dequantize-and-multiply kernel in minivlm.kernels.quant (kernels="on" forces it, on
+the CPU under TRITON_INTERPRET=1). tests/test_quant.py and tests/test_kernels_quant.py measure
+how close each is to the reference.
 
 The stored layout (safetensors, `save_quantized`), per quantized linear `NAME`:
   NAME.qweight  int8 (out, in) for int8; uint8 (out, padded in / 2) for int4, two inputs a byte:
@@ -171,14 +173,19 @@ class QuantLinear(nn.Module):
         dtype = dtype or self.scales.dtype
         if self.scheme == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
-        q = unpack_int4(self.qweight).float().view(self.out_features, -1, self.group_size)  # (out, groups, group)
+        q = (
+            unpack_int4(self.stored_qweight()).float().view(self.out_features, -1, self.group_size)
+        )  # (out, groups, group)
         w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
         return w.view(self.out_features, -1)[:, : self.in_features].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None and x.device.type != "cpu":  # moved off the CPU after loading: unpack
+            self.qweight, self.cpu_pack = self.stored_qweight().to(x.device), None
+        if ops.use_kernels(x, self.kernels):  # CUDA (or kernels="on"): the Triton kernel
+            return ops._triton_kernels().quant.quant_linear(x, self)
         if self.kernels == "auto" and x.device.type == "cpu" and self.cpu_kernel_fits:
             return self._cpu_forward(x)
-        # The reference; CUDA takes it too for now (its Triton kernel is not written yet).
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,24 +210,72 @@ class QuantLinear(nn.Module):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
-    def pack_for_cpu(self) -> None:
+    def pack_for_cpu(self, keep_stored: bool = True) -> None:
         """The int4 weights in the layout of torch's CPU kernel (which depends on the CPU's
-        instruction set), with scales and zeros as it takes them: (groups, out, 2)."""
-        q = unpack_int4(self.qweight).to(torch.int32)  # (out, padded in)
+        instruction set), with scales and zeros as it takes them: (groups, out, 2). keep_stored
+        False drops the stored layout (qweight None) so that the weights are held once; it is
+        recovered from the kernel's when needed (stored_qweight: saving, the reference)."""
         scales_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (out, groups, 2)
         extra = -self.out_features % 16  # the kernel takes outputs in 16s: rows of zero weight, cut after
+        qweight = self.qweight
         if extra:
-            q = F.pad(q, (0, 0, 0, extra), value=8)
+            qweight = F.pad(qweight, (0, 0, 0, extra), value=0x88)  # 8 | 8 << 4: (8 - 8) * 0 + 0
             scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, extra))
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        # The kernel's layout packs blocks of 64 rows on their own (checked: packing in row chunks
+        # equals packing at once), so the int32 copy it starts from is made a chunk at a time.
+        packed = torch.cat([
+            torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), 1)
+            for rows in qweight.split(ROWS_AT_ONCE)
+        ])  # fmt: skip
         self.cpu_pack = (packed, scales_zeros.transpose(0, 1).to(torch.bfloat16).contiguous())  # (groups, out, 2)
+        if not keep_stored:
+            self.qweight = None
+
+    def stored_qweight(self) -> torch.Tensor:
+        """qweight in the stored layout; when only the CPU kernel's layout is held, recovered from
+        it exactly: the kernel applied to the identity (in fp32) gives every dequantized weight,
+        (q - 8) * scale + zero, and (w - zero) / scale + 8 rounds back to q."""
+        if self.qweight is not None:
+            return self.qweight
+        packed = self.cpu_pack[0]
+        padded_in = self.scales.shape[1] * self.group_size
+        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).float()  # (out, groups, 2)
+        scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, packed.shape[0] - self.out_features))
+        scales_zeros = scales_zeros.transpose(0, 1)  # (groups, padded out, 2)
+        rows, identity = [], torch.eye(padded_in)
+        # Blocks of 64 rows pack on their own (pack_for_cpu), so a chunk of the packed rows is the
+        # packed chunk of those rows: the fp32 temporaries stay ROWS_AT_ONCE rows.
+        for start in range(0, packed.shape[0], ROWS_AT_ONCE):
+            chunk = slice(start, start + ROWS_AT_ONCE)
+            sz = scales_zeros[:, chunk].contiguous()
+            w = torch._weight_int4pack_mm_for_cpu(identity, packed[chunk], self.group_size, sz).t()  # (rows, padded in)
+            w = w[: max(0, min(self.out_features - start, ROWS_AT_ONCE))]  # the padding rows cut
+            end = start + w.shape[0]
+            scale = self.scales[start:end].float().repeat_interleave(self.group_size, dim=1)
+            zero = self.zeros[start:end].float().repeat_interleave(self.group_size, dim=1)
+            q = torch.round((w - zero) / scale + 8).clamp(0, 15).to(torch.uint8)
+            rows.append(q[:, 0::2] | (q[:, 1::2] << 4))
+        return torch.cat(rows)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # held in the CPU kernel's layout only: the stored one, recovered
+            destination[prefix + "qweight"] = self.stored_qweight()
+
+
+ROWS_AT_ONCE = 4096  # quantizing and repacking go this many output rows at a time (a multiple of 64)
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One linear weight (out, in) -> the buffers of its QuantLinear."""
-    if config.scheme == "int8":
-        return quantize_int8(weight, dtype)
-    return quantize_int4(weight, config.group_size, dtype)
+    """One linear weight (out, in) -> the buffers of its QuantLinear. Rows are independent, so they
+    go ROWS_AT_ONCE at a time: the fp32 temporaries stay small beside a vocabulary-sized weight."""
+    pieces = []
+    for rows in weight.split(ROWS_AT_ONCE):
+        if config.scheme == "int8":
+            pieces.append(quantize_int8(rows, dtype))
+        else:
+            pieces.append(quantize_int4(rows, config.group_size, dtype))
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 
 # -- which modules, and swapping them in -------------------------------------------------------
@@ -255,13 +310,15 @@ def prepare(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.scheme == "int4" and module.kernels == "auto":
             if module.qweight.device.type == "cpu" and module.cpu_kernel_fits:
-                module.pack_for_cpu()
+                module.pack_for_cpu(keep_stored=False)
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """The bytes of the model's parameters and buffers (the quantized layout as stored, without
-    the CPU kernel's repacked copies)."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    """The bytes of the model's parameters and buffers: the quantized layout as stored (an int4
+    layer held only in the CPU kernel's layout counts that, the same size)."""
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    packed = [m.cpu_pack[0] for m in model.modules() if isinstance(m, QuantLinear) and m.qweight is None]
+    return held + sum(t.numel() * t.element_size() for t in packed)
 
 
 def saved_quantization(folder) -> QuantConfig | None:

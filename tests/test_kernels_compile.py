@@ -50,13 +50,17 @@ DECODERS = {
     "Qwen2 with a sliding window": (14, 2, 64, 896, 4096),
 }
 PREFILL, CACHE = 1024, 8192  # a prompt, and the cache a decode step reads
+# quantized projections (minivlm.quant): (name, out_features, in_features), an MLP's up and down
+QUANT = [("Qwen2-0.5B", 4864, 896), ("Qwen2-0.5B", 896, 4864), ("Llama-3-8B", 14336, 4096), ("Llama-3-8B", 4096, 14336)]
 
 
 def launches(dtypes):
     """(name, kernel, args, kwargs) of every launch the wrappers make at the seed shapes."""
     import torch
-    from minivlm.kernels import attention, decode, norms, rope
+    from minivlm.kernels import attention, decode, norms, quant, rope
     from triton.runtime.jit import JITFunction
+
+    from minivlm.quant import QuantLinear
 
     caught = []
 
@@ -117,6 +121,12 @@ def launches(dtypes):
                 what = "decode step" + (", left-padded" if valid is not None else "")
                 run(f"{decoder} {d} {what}", decode.decode_attention, q1, cache, cache, slot, kv_valid=valid,
                     window=window)  # fmt: skip
+        for model, out_features, in_features in QUANT:
+            for scheme, group in (("int8", 64), ("int4", 64), ("int4", 128)):
+                layer = QuantLinear(in_features, out_features, False, scheme, group, dtype)
+                for rows in (1, PREFILL):
+                    name = f"{model} {d} {scheme} g{group} {out_features}x{in_features}, {rows} row(s)"
+                    run(name, quant.quant_linear, empty(rows, in_features, dtype=dtype), layer)
     return caught
 
 
@@ -160,7 +170,7 @@ def usage(ptxas_log: str) -> dict:
     return {k: int(m.group(1)) for k, m in found.items()}
 
 
-LOOPS_OVER_KEYS = ("attention_kernel", "decode_split_kernel")  # these must pipeline their loads
+LOOPS_OVER_KEYS = ("attention_kernel", "decode_split_kernel", "quant_matmul_kernel")  # must pipeline their loads
 
 
 def main() -> int:

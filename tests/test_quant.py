@@ -103,6 +103,44 @@ def test_cpu_kernels_equal_the_reference(scheme, shape, group_size, dtype):
     assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max()
 
 
+def test_quantizing_and_repacking_in_row_chunks_equals_doing_it_at_once(monkeypatch):
+    """quantize_weight and pack_for_cpu go ROWS_AT_ONCE rows at a time (memory); torch's int4 layout
+    packs blocks of 64 rows on their own, so the chunks must join into what one call makes."""
+    import minivlm.quant as quant
+
+    w = weight(200, 128)
+    config = QuantConfig("int4", 32)
+    whole = quant.quantize_weight(w, config, torch.float32)
+    m = module(w, "int4", 32)
+    m.pack_for_cpu()
+    monkeypatch.setattr(quant, "ROWS_AT_ONCE", 64)
+    chunked = quant.quantize_weight(w, config, torch.float32)
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    again = module(w, "int4", 32)
+    again.pack_for_cpu()
+    assert torch.equal(again.cpu_pack[0], m.cpu_pack[0]) and m.cpu_pack[0].shape[0] == 208
+
+
+@pytest.mark.parametrize("rows_at_once", [4096, 64])
+def test_int4_held_only_in_the_cpu_layout_recovers_the_stored_one_exactly(rows_at_once, monkeypatch):
+    """After loading on the CPU's fast path an int4 layer keeps only torch's kernel layout (the
+    weights held once); saving and the reference recover the stored layout from it, bit for bit,
+    also for a group whose range sits far from zero and for outputs not in 16s."""
+    import minivlm.quant as quant
+
+    monkeypatch.setattr(quant, "ROWS_AT_ONCE", rows_at_once)
+    w = weight(203, 200) + 3.0
+    m = module(w, "int4", 64, torch.bfloat16)
+    stored = m.qweight.clone()
+    m.pack_for_cpu(keep_stored=False)
+    assert m.qweight is None
+    assert torch.equal(m.stored_qweight(), stored)
+    assert torch.equal(m.state_dict()["qweight"], stored)
+    x = torch.randn(2, 200)
+    m.kernels = "off"
+    assert torch.equal(m(x), torch.nn.functional.linear(x, module(w, "int4", 64, torch.bfloat16).dequantize(x.dtype)))
+
+
 def test_int4_outputs_not_in_16s_are_padded_for_the_cpu_kernel():
     """torch's int4 kernel refuses outputs that are not a multiple of 16 (a vocabulary of 151646):
     rows of zero weight are added for it, and cut from its output."""
