@@ -217,43 +217,41 @@ class QuantLinear(nn.Module):
         recovered from the kernel's when needed (stored_qweight: saving, the reference)."""
         scales_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (out, groups, 2)
         extra = -self.out_features % 16  # the kernel takes outputs in 16s: rows of zero weight, cut after
-        qweight = self.qweight
-        if extra:
-            qweight = F.pad(qweight, (0, 0, 0, extra), value=0x88)  # 8 | 8 << 4: (8 - 8) * 0 + 0
-            scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, extra))
+        scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, extra))
         # The kernel's layout packs blocks of 64 rows on their own (checked: packing in row chunks
-        # equals packing at once), so the int32 copy it starts from is made a chunk at a time.
-        packed = torch.cat([
-            torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), 1)
-            for rows in qweight.split(ROWS_AT_ONCE)
-        ])  # fmt: skip
+        # equals packing at once), so the int32 copy it starts from is made a chunk at a time, and
+        # the chunks go straight into one buffer.
+        packed = None
+        for start in range(0, self.out_features, ROWS_AT_ONCE):
+            rows = self.qweight[start : start + ROWS_AT_ONCE]
+            if start + ROWS_AT_ONCE >= self.out_features and extra:
+                rows = F.pad(rows, (0, 0, 0, extra), value=0x88)  # 8 | 8 << 4: (8 - 8) * 0 + 0
+            chunk = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), 1)
+            if packed is None:
+                packed = torch.empty(self.out_features + extra, *chunk.shape[1:], dtype=chunk.dtype)
+            packed[start : start + chunk.shape[0]] = chunk
         self.cpu_pack = (packed, scales_zeros.transpose(0, 1).to(torch.bfloat16).contiguous())  # (groups, out, 2)
         if not keep_stored:
             self.qweight = None
 
     def stored_qweight(self) -> torch.Tensor:
         """qweight in the stored layout; when only the CPU kernel's layout is held, recovered from
-        it exactly: the kernel applied to the identity (in fp32) gives every dequantized weight,
-        (q - 8) * scale + zero, and (w - zero) / scale + 8 rounds back to q."""
+        it exactly: the kernel run on the identity with every scale 1 and zero 0 gives each weight's
+        q - 8 (small integers, exact in bf16)."""
         if self.qweight is not None:
             return self.qweight
         packed = self.cpu_pack[0]
-        padded_in = self.scales.shape[1] * self.group_size
-        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).float()  # (out, groups, 2)
-        scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, packed.shape[0] - self.out_features))
-        scales_zeros = scales_zeros.transpose(0, 1)  # (groups, padded out, 2)
-        rows, identity = [], torch.eye(padded_in)
+        groups = self.scales.shape[1]
+        unit = torch.zeros(groups, packed.shape[0], 2, dtype=torch.bfloat16)
+        unit[..., 0] = 1  # scale 1, zero 0
+        identity = torch.eye(groups * self.group_size, dtype=torch.bfloat16)
+        rows = []
         # Blocks of 64 rows pack on their own (pack_for_cpu), so a chunk of the packed rows is the
-        # packed chunk of those rows: the fp32 temporaries stay ROWS_AT_ONCE rows.
-        for start in range(0, packed.shape[0], ROWS_AT_ONCE):
+        # packed chunk of those rows: the temporaries stay ROWS_AT_ONCE rows.
+        for start in range(0, self.out_features, ROWS_AT_ONCE):
             chunk = slice(start, start + ROWS_AT_ONCE)
-            sz = scales_zeros[:, chunk].contiguous()
-            w = torch._weight_int4pack_mm_for_cpu(identity, packed[chunk], self.group_size, sz).t()  # (rows, padded in)
-            w = w[: max(0, min(self.out_features - start, ROWS_AT_ONCE))]  # the padding rows cut
-            end = start + w.shape[0]
-            scale = self.scales[start:end].float().repeat_interleave(self.group_size, dim=1)
-            zero = self.zeros[start:end].float().repeat_interleave(self.group_size, dim=1)
-            q = torch.round((w - zero) / scale + 8).clamp(0, 15).to(torch.uint8)
+            w = torch._weight_int4pack_mm_for_cpu(identity, packed[chunk], self.group_size, unit[:, chunk].contiguous())
+            q = (w.t()[: min(ROWS_AT_ONCE, self.out_features - start)].float() + 8).round().to(torch.uint8)
             rows.append(q[:, 0::2] | (q[:, 1::2] << 4))
         return torch.cat(rows)
 
@@ -307,10 +305,13 @@ def swap_in(model: nn.Module, names: list[str], config: QuantConfig, dtype: torc
 
 def prepare(model: nn.Module) -> None:
     """After loading: int4 layers on the CPU's fast path repack their weights for torch's kernel."""
+    from .weights import release_freed_memory
+
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.scheme == "int4" and module.kernels == "auto":
             if module.qweight.device.type == "cpu" and module.cpu_kernel_fits:
                 module.pack_for_cpu(keep_stored=False)
+                release_freed_memory()
 
 
 def quantized_bytes(model: nn.Module) -> int:

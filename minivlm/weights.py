@@ -9,6 +9,7 @@ host memory stays near one copy of the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import warnings
@@ -141,6 +142,7 @@ def load_weights(
         for n in (n for n in names if n in quantize_at_read):  # read in fp32, kept only quantized
             parts = quantize_weight(read_as(plan[n if n in plan else stored[0]], torch.float32, CPU), quant, dtype)
             loaded.update({f"{quantize_at_read[n]}.{k}": v.to(device) for k, v in parts.items()})
+            release_freed_memory()
         names = [n for n in names if n not in quantize_at_read]
         if not names:
             continue
@@ -170,6 +172,30 @@ def load_weights(
 
 
 CPU = torch.device("cpu")
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing while loading frees a full-precision tensor and its temporaries after each weight.
+    glibc keeps such blocks for reuse once its mmap threshold has risen past their size, and the
+    next tensors do not fit the holes, so without this the resident peak of a load grew by
+    hundreds of MiB (int4 with the output projection, interleave-0.5b: 3493 MiB against 2676 MiB
+    with the threshold pinned)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 @dataclass

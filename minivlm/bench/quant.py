@@ -45,7 +45,7 @@ import minivlm
 from minivlm.quant import quantized_bytes
 model = minivlm.load_model(sys.argv[1], dtype=sys.argv[2], **json.loads(sys.argv[3]))
 print(json.dumps({"peak": proc_status("VmHWM") - before, "size": quantized_bytes(model),
-                  "largest": max(t.numel() * t.element_size() for t in model.state_dict().values())}))
+                  "largest": max(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))}))
 """
 
 
