@@ -112,7 +112,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     kernels: str | bool | None = None,
-    quantize: str | None = None,
+    quantize: str | QuantConfig | None = None,
     group_size: int | None = None,
     quantize_parts: Sequence[str] | str | None = None,
 ) -> nn.Module:
@@ -129,7 +129,9 @@ def load_model(
 
     quantize: "int8" or "int4" quantizes the weights of the linear layers as they are read (quant.py):
     those of `quantize_parts` ("decoder", the default, "lm_head", "vision", "connector"), int4 in
-    groups of `group_size` inputs (32, 64 (the default) or 128). A checkpoint saved quantized
+    groups of `group_size` inputs (32, 64 (the default) or 128), each group's range searched for the
+    least error (a quant.QuantConfig given as `quantize` sets every choice, search=False among
+    them: plain round-to-nearest). A checkpoint saved quantized
     (quant.save_quantized) loads as it was saved, and takes no quantize argument.
     """
     folder = resolve_checkpoint(path_or_id)

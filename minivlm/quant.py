@@ -10,6 +10,8 @@ The schemes, and the reference arithmetic every fast path must equal:
   q = round((w - zero) / scale + 8) in [0, 15]; w ~ (q - 8) * scale + zero. A width the group does
   not divide (576 = 4.5 x 128) is padded at quantization with copies of the row's last input, so
   the last group's range is its real inputs'; the padded inputs meet zeros in the activations.
+  By default each group's range is then searched (QuantConfig.search, quantize_int4): shrunk
+  about its centre where that lowers the group's squared error, clipping its outliers.
 Scales and zeros are rounded to the model's dtype before q is computed, so the dequantized weight
 is exactly what the stored numbers say. The reference (`QuantLinear.dequantize` then a matmul,
 kernels="off") dequantizes in fp32 and rounds once to the activations' dtype.
@@ -57,11 +59,16 @@ class QuantConfig:
     scheme: str  # "int8" or "int4"
     group_size: int = 64  # int4: inputs per scale and zero
     parts: tuple[str, ...] = ("decoder",)
+    search: bool = True  # int4: each group's range searched for the least error (quantize_int4)
 
     @classmethod
-    def parse(cls, quantize, group_size: int | None = None, parts=None) -> "QuantConfig | None":
+    def parse(cls, quantize, group_size: int | None = None, parts=None, search: bool = True) -> "QuantConfig | None":
         """load_model's arguments -> a QuantConfig, or None for no quantization; QuantError names
         the values it takes."""
+        if isinstance(quantize, QuantConfig):  # given whole: checked as the words are
+            if group_size is not None or parts is not None:
+                raise QuantError("give group_size and quantize_parts inside the QuantConfig, not beside it")
+            return cls.parse(quantize.scheme, quantize.group_size, quantize.parts, quantize.search)
         if quantize is None or quantize is False:
             if group_size is not None or parts is not None:
                 raise QuantError("group_size and quantize_parts need quantize='int8' or 'int4'")
@@ -78,17 +85,19 @@ class QuantConfig:
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
             raise QuantError(f"quantize_parts={list(parts)!r}: expected some of {', '.join(PARTS)}")
-        return cls(quantize, group_size, tuple(p for p in PARTS if p in parts))
+        if not isinstance(search, bool):
+            raise QuantError(f"search={search!r}: expected True or False")
+        return cls(quantize, group_size, tuple(p for p in PARTS if p in parts), search and quantize == "int4")
 
     def to_json(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size, "parts": list(self.parts)}
+        return {"scheme": self.scheme, "group_size": self.group_size, "parts": list(self.parts), "search": self.search}
 
     @classmethod
     def from_json(cls, d, source: str) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantError(f"{source}: minivlm_quantization is a {type(d).__name__}; expected an object")
         try:
-            return cls.parse(d.get("scheme"), d.get("group_size"), d.get("parts"))
+            return cls.parse(d.get("scheme"), d.get("group_size"), d.get("parts"), d.get("search", False))
         except QuantError as e:
             raise QuantError(f"{source}: minivlm_quantization: {e}") from None
 
@@ -104,8 +113,20 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.T
     return {"qweight": q, "scales": scales}
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """weight (out, in) -> {"qweight": uint8 (out, padded in / 2), "scales", "zeros": (out, groups) in dtype}."""
+# int4's range search: each group's range shrunk about its centre by these factors, the one with
+# the least squared error kept (1.0 is plain round-to-nearest over the full range).
+RANGE_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, dtype: torch.dtype, search: bool = False
+) -> dict[str, torch.Tensor]:
+    """weight (out, in) -> {"qweight": uint8 (out, padded in / 2), "scales", "zeros": (out, groups) in dtype}.
+
+    search False: each group's grid spans its range (round-to-nearest). True: the range shrunk
+    about its centre by each of RANGE_FACTORS, each group keeping the grid whose dequantized
+    weights are closest (squared error) to its own: clipping a few outliers buys a finer step
+    for the rest. No data is needed."""
     out_features, in_features = weight.shape
     groups = math.ceil(in_features / group_size)
     w = weight.float()
@@ -113,10 +134,22 @@ def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> 
         w = torch.cat([w, w[:, -1:].expand(out_features, groups * group_size - in_features)], dim=1)
     w = w.view(out_features, groups, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
-    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
-    zeros = (low + 8 * scales.float()).to(dtype)
-    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
-    q = q.view(out_features, groups * group_size)
+    centre, half = (high + low) / 2, (high - low) / 2
+    best = None
+    for factor in RANGE_FACTORS if search else (1.0,):
+        scales = (2 * half * factor / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+        zeros = (centre - half * factor + 8 * scales.float()).to(dtype)
+        s, z = scales.float()[..., None], zeros.float()[..., None]
+        q = torch.round((w - z) / s + 8).clamp(0, 15)
+        error = ((q - 8) * s + z - w).square().sum(dim=-1)  # (out, groups)
+        if best is None:
+            best = [error, scales, zeros, q]
+            continue
+        better = error < best[0]
+        best = [torch.where(better, error, best[0]), torch.where(better, scales, best[1]),
+                torch.where(better, zeros, best[2]), torch.where(better[..., None], q, best[3])]  # fmt: skip
+    _, scales, zeros, q = best
+    q = q.to(torch.uint8).view(out_features, groups * group_size)
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": zeros}
 
 
@@ -200,7 +233,7 @@ class QuantLinear(nn.Module):
         else:
             if self.cpu_pack is None:
                 self.pack_for_cpu()
-            padded = self.qweight.shape[1] * 2
+            padded = self.scales.shape[1] * self.group_size
             if padded != self.in_features:  # the padded inputs of the last group meet zeros
                 rows = F.pad(rows, (0, padded - self.in_features))
             out = torch._weight_int4pack_mm_for_cpu(rows, self.cpu_pack[0], self.group_size, self.cpu_pack[1])
@@ -272,7 +305,7 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtyp
         if config.scheme == "int8":
             pieces.append(quantize_int8(rows, dtype))
         else:
-            pieces.append(quantize_int4(rows, config.group_size, dtype))
+            pieces.append(quantize_int4(rows, config.group_size, dtype, config.search))
     return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 

@@ -86,6 +86,33 @@ def test_int4_groups_within_half_a_step_and_the_nibble_layout(in_features, group
     assert (np.abs(deq - w.numpy()) <= scale[:, :in_features] / 2 * (1 + 1e-4) + 1e-7).all()
 
 
+def test_the_range_search_never_loses_and_clips_outliers():
+    """Each group keeps the grid with the least squared error among RANGE_FACTORS, factor 1 (plain
+    round-to-nearest) among them: never worse per group, better where an outlier stretches the range."""
+    from minivlm.quant import QuantLinear as QL
+
+    w = weight(64, 256)
+    w[::7, ::13] *= 12  # outliers in some groups
+    plain, searched = (QL(256, 64, False, "int4", 32, torch.float32) for _ in range(2))
+    for m, search in ((plain, False), (searched, True)):
+        for k, v in quantize_int4(w, 32, torch.float32, search=search).items():
+            setattr(m, k, v)
+    errors = [(m.dequantize() - w).square().view(64, 8, 32).sum(-1) for m in (plain, searched)]
+    assert (errors[1] <= errors[0] * (1 + 1e-6)).all()
+    assert errors[1].sum() < 0.97 * errors[0].sum()  # 7% less in total here
+
+
+def test_a_whole_quant_config_and_its_saved_form():
+    config = QuantConfig.parse(QuantConfig("int4", 32, ("decoder",), search=False))
+    assert config == QuantConfig("int4", 32, ("decoder",), False)
+    assert QuantConfig.from_json(config.to_json(), "x") == config
+    # a folder saved before the search existed says nothing of it: it was plain round-to-nearest
+    assert QuantConfig.from_json({"scheme": "int4", "group_size": 64, "parts": ["decoder"]}, "x").search is False
+    assert QuantConfig.parse("int8").search is False  # int8 has no range to search
+    with pytest.raises(QuantError, match="inside the QuantConfig"):
+        QuantConfig.parse(config, group_size=64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "scheme, shape, group_size",
@@ -185,6 +212,25 @@ def test_text_models_load_quantized(name, scheme, tmp_path):
     err = (got - want).abs().max() / want.abs().max()
     assert err < (5e-2 if scheme == "int8" else 0.5), err
     assert minivlm.generate(model, ids, max_new_tokens=4).shape == (2, 4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tiny_vlm_quantized_gives_the_same_greedy_tokens_on_every_path(scheme, tmp_path, monkeypatch):
+    """The reference (dequantize, then a matmul, fp32), the Triton kernel (kernels="on", under the
+    CPU interpreter here) and torch's CPU kernels (kernels="auto", bf16 activations): 8 greedy
+    tokens of a tiny LLaVA-Interleave with an image, every part quantized."""
+    from test_vlm import batch
+
+    hf = build_vlm_model("llava_interleave")
+    path = save_checkpoint(hf, tmp_path, layout="hub")
+    options = dict(quantize=scheme, quantize_parts=["decoder", "lm_head", "vision", "connector"])
+    ids, mask, inputs, _ = batch("llava_interleave", hf, [1])
+    tokens = {}
+    for kernels in ("off", "on", "auto"):
+        model = minivlm.load_model(path, kernels=kernels, **options)
+        tokens[kernels] = minivlm.generate(model, ids, mask, max_new_tokens=8, **inputs)
+    assert torch.equal(tokens["on"], tokens["off"])
+    assert torch.equal(tokens["auto"], tokens["off"])
 
 
 def test_every_part_of_a_vlm_can_be_quantized(tmp_path):

@@ -27,6 +27,7 @@ import torch
 
 from ..generation import GenerationDefaults, generate
 from ..load import load_model
+from ..quant import QuantConfig
 from .timing import call_times
 
 SCHEMES = [
@@ -159,18 +160,20 @@ def quality(args: argparse.Namespace) -> None:
     print(f"{args.model}: {sum(len(w) - 1 for w in windows)} scored tokens in {len(windows)} windows of {args.window}; "
           f"torch {torch.__version__}")  # fmt: skip
     answers = {"unquantized": [answer(reference, processor, p) for p in prompts]}
-    print(f"{'':<22}{'top-1 agreement':>16}{'mean KL':>10}{'perplexity':>12}{'(unquantized)':>15}")
-    for name, options in [("int8", {"quantize": "int8"})] + [
-        (f"int4 g{g}", {"quantize": "int4", "group_size": g}) for g in (32, 64, 128)
-    ]:
+    print(f"{'':<24}{'top-1 agreement':>16}{'mean KL':>10}{'perplexity':>12}{'(unquantized)':>15}")
+    rows = [("int8", {"quantize": "int8"}), ("int8, reference path", {"quantize": "int8", "kernels": "off"})]
+    for g in (32, 64, 128):
+        rows.append((f"int4 g{g}, no search", {"quantize": QuantConfig("int4", g, ("decoder",), search=False)}))
+        rows.append((f"int4 g{g}", {"quantize": "int4", "group_size": g}))
+    for name, options in rows:
         model = load_model(args.model, dtype="float32", **options)
         r = compare(reference, model, windows)
-        print(f"{name:<22}{r['top1']:>16.4f}{r['kl']:>10.4f}{r['ppl']:>12.3f}{r['ppl_ref']:>15.3f}")
+        print(f"{name:<24}{r['top1']:>16.4f}{r['kl']:>10.4f}{r['ppl']:>12.3f}{r['ppl_ref']:>15.3f}")
         answers[name] = [answer(model, processor, p) for p in prompts]
     for i, p in enumerate(prompts):
         print(f"\n{p}")
         for name, said in answers.items():
-            print(f"  {name:<12} {said[i]!r}")
+            print(f"  {name:<22} {said[i]!r}")
 
 
 def answer(model, processor, prompt: str) -> str:
