@@ -85,7 +85,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_options(args) -> dict:
-    parts = args.quantize_parts.split(",") if args.quantize_parts else None
+    parts = [p.strip() for p in args.quantize_parts.split(",") if p.strip()] if args.quantize_parts else None
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_parts=parts)
 
 
@@ -306,9 +306,10 @@ def _dropped(images: list) -> str:
 def run_quantize(args) -> None:
     from .hub import resolve_checkpoint
     from .load import load_model
-    from .quant import save_quantized
+    from .quant import check_output, save_quantized
 
     folder = resolve_checkpoint(args.model)
+    check_output(folder, Path(args.output))  # before minutes of loading, not after
     start = time.perf_counter()
     model = load_model(folder, kernels="off", **_quant_options(args))  # the stored layout, not the CPU kernel's
     print(save_quantized(model, folder, args.output).resolve())

@@ -32,6 +32,7 @@ from .processing.files import open_regular
 from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError, load_tokenizer
+from .quant import QuantError, quant_targets, saved_quantization, swap_in
 from .weights import compare_tensors, dtype_name, skip_init
 
 CHUNK_BYTES = 16 * 1024 * 1024  # NaN/Inf scan: bytes read per step
@@ -198,6 +199,12 @@ class Doctor:
         try:
             with torch.device("meta"), skip_init():
                 model = family.module(config, kernels="off")  # only its parameters' names and shapes count
+                saved = saved_quantization(self.folder)
+                if saved is not None:  # a folder save_quantized wrote holds the quantized layout
+                    swap_in(model, quant_targets(model, saved.parts, check=True), saved, model_dtype(config))
+        except QuantError as e:
+            self.add(str(e), "config.json", "a minivlm_quantization entry load_model reads")
+            return
         except (RuntimeError, ValueError) as e:  # the config passed validation but builds nothing
             self.add(f"cannot build the model ({type(e).__name__}: {e})", "config.json", "sizes that make a model")
             return
@@ -213,10 +220,7 @@ class Doctor:
                 (f"shape {list(e.shape)}", f"{e.key} in {e.file.name}", f"shape {list(want)}")
                 for e, want in bad.wrong_shape
             ]
-            + [
-                (f"dtype {dtype_name(e.dtype)}", f"{e.key} in {e.file.name}", "a floating-point dtype (F32, F16, BF16)")
-                for e in bad.wrong_dtype
-            ]
+            + [(f"dtype {dtype_name(e.dtype)}", f"{e.key} in {e.file.name}", want) for e, want in bad.wrong_dtype]
             + [
                 (f"loads into {name!r} as {a.key!r} does", b.key, "one tensor per parameter")
                 for a, b, name in bad.duplicates
@@ -296,6 +300,13 @@ class Doctor:
             except ChatTemplateError as e:
                 errors.append(e)
         self.add_error(errors[0], "chat template", "a template that renders a one-message conversation")
+
+
+def model_dtype(config) -> torch.dtype:
+    """The dtype config.json records (the quantized layout's scales are in it), else float32."""
+    from .load import DTYPES
+
+    return DTYPES.get(str(getattr(config, "dtype", None) or "float32").removeprefix("torch."), torch.float32)
 
 
 def count_non_finite(entry: TensorEntry) -> int:

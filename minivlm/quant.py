@@ -34,6 +34,7 @@ config.json records the scheme under "minivlm_quantization" (see QuantConfig.to_
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +78,17 @@ class QuantConfig:
             raise QuantError(f"quantize={quantize!r}: expected one of {', '.join(SCHEMES)} (or None)")
         if group_size is None:
             group_size = 64
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise QuantError(
+                f"group_size={group_size!r}: expected a whole number, one of {', '.join(map(str, GROUP_SIZES))}"
+            )
+        group_size = int(group_size)
         if quantize == "int8" and group_size != 64:
             raise QuantError("group_size is int4's: int8 has one scale per output channel")
         if group_size not in GROUP_SIZES:
             raise QuantError(f"group_size={group_size!r}: expected one of {', '.join(map(str, GROUP_SIZES))}")
+        if parts is not None and not isinstance(parts, (str, list, tuple)):
+            raise QuantError(f"quantize_parts={parts!r}: expected a list of some of {', '.join(PARTS)}")
         parts = ("decoder",) if parts is None else ((parts,) if isinstance(parts, str) else tuple(parts))
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
@@ -288,6 +296,14 @@ class QuantLinear(nn.Module):
             rows.append(q[:, 0::2] | (q[:, 1::2] << 4))
         return torch.cat(rows)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = self.qweight is None
+        if packed:  # held in the CPU kernel's layout only: take the stored layout in, then pack again
+            self.qweight, self.cpu_pack = self.stored_qweight(), None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if packed:
+            self.pack_for_cpu(keep_stored=False)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.qweight is None:  # held in the CPU kernel's layout only: the stored one, recovered
@@ -312,17 +328,19 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtyp
 # -- which modules, and swapping them in -------------------------------------------------------
 
 
-def quant_targets(model: nn.Module, parts: tuple[str, ...]) -> list[str]:
-    """The names of the nn.Linear modules that `parts` cover in this model (text-only or VLM)."""
+def quant_targets(model: nn.Module, parts: tuple[str, ...], check: bool = False) -> list[str]:
+    """The names of the nn.Linear modules that `parts` cover in this model (text-only or VLM).
+    check: a part with no linear layer in this model (vision on a text-only one) is a QuantError."""
     lm = "language_model." if hasattr(model, "language_model") else ""
     roots = {"decoder": f"{lm}model.layers", "lm_head": f"{lm}lm_head", "vision": "vision_tower",
              "connector": "multi_modal_projector"}  # fmt: skip
-    wanted = [roots[p] for p in parts]
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == r or name.startswith(r + ".") for r in wanted)
-    ]
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    found = {p: [n for n in linear if n == roots[p] or n.startswith(roots[p] + ".")] for p in parts}
+    if check:
+        empty = [p for p, names in found.items() if not names]
+        if empty:
+            raise QuantError(f"quantize_parts names {', '.join(empty)}, which this model has no linear layers in")
+    return [n for n in linear if any(n in names for names in found.values())]
 
 
 def swap_in(model: nn.Module, names: list[str], config: QuantConfig, dtype: torch.dtype) -> None:
@@ -380,6 +398,7 @@ def save_quantized(model: nn.Module, source, output) -> Path:
     nothing half-written; an existing non-empty `output` is refused."""
     import json
     import shutil
+    import tempfile
 
     from safetensors.torch import save_file
 
@@ -387,17 +406,21 @@ def save_quantized(model: nn.Module, source, output) -> Path:
     if config is None:
         raise QuantError("the model is not quantized: load it with load_model(..., quantize='int8' or 'int4')")
     source, output = Path(source), Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise QuantError(f"{output} exists and is not an empty folder; choose a new one")
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    check_output(source, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # never a folder of yours
     try:
         for f in source.iterdir():
             if f.is_file() and f.name not in WEIGHT_FILES and f.suffix != ".safetensors" and f.name != "config.json":
                 shutil.copy2(f, partial / f.name)
         raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
         raw["minivlm_quantization"] = config.to_json()
+        # The dtype the model was loaded in (its scales, norms and embeddings are saved in it) is
+        # the one it loads back in.
+        dtype = str(model_dtype(model)).removeprefix("torch.")
+        raw["torch_dtype"] = dtype
+        if "dtype" in raw:
+            raw["dtype"] = dtype
         (partial / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         tensors, seen = {}, set()
         for name, tensor in model.state_dict(keep_vars=True).items():
@@ -406,10 +429,26 @@ def save_quantized(model: nn.Module, source, output) -> Path:
             seen.add(id(tensor))
             tensors[name] = tensor.detach().cpu().contiguous()
         save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        if output.exists():
-            output.rmdir()
+        if output.is_dir() and not output.is_symlink():
+            output.rmdir()  # empty: checked above
         partial.rename(output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output
+
+
+def check_output(source: Path, output: Path) -> None:
+    """Before any work: the source is a checkpoint folder, and the output a new or empty folder."""
+    if not (Path(source) / "config.json").is_file():
+        raise QuantError(f"{source}: no config.json; expected the checkpoint folder the model was loaded from")
+    if output.is_symlink() or (output.exists() and (not output.is_dir() or any(output.iterdir()))):
+        raise QuantError(f"{output} exists and is not an empty folder; choose a new one")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise QuantError(f"{output.parent} is not a folder")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The model's dtype: that of its token embedding, which is never quantized."""
+    lm = getattr(model, "language_model", model)
+    return lm.model.embed_tokens.weight.dtype

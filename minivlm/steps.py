@@ -174,11 +174,25 @@ def on_fast_path(model: nn.Module) -> bool:
 
 
 def check_compile(model: nn.Module) -> None:
-    """compile=True needs the fast path: say so before the prefill, not after."""
+    """compile=True needs the fast path: say so before the prefill, not after. Nor does inductor
+    (torch 2.13) compile torch's CPU int8 kernel fed activations it rounds to bf16 itself: int8 on
+    the CPU compiles in bfloat16 only."""
     if not on_fast_path(model):
         raise GenerationError(
             "compile=True compiles the fast path's decode step; this model runs the reference path "
             "(kernels='off' or MINIVLM_KERNELS=0), which stays eager: load it with kernels='auto'"
+        )
+    from .quant import QuantLinear, model_dtype
+
+    int8_on_cpu = any(
+        isinstance(m, QuantLinear) and m.scheme == "int8" and m.cpu_kernel_fits and m.scales.device.type == "cpu"
+        for m in getattr(model, "language_model", model).modules()
+    )
+    if int8_on_cpu and model_dtype(model) != torch.bfloat16:
+        raise GenerationError(
+            f"compile=True with int8 weights on the CPU needs dtype=bfloat16 (this model is {model_dtype(model)}): "
+            "torch's compiler cannot compile its int8 kernel after the rounding of the activations to bf16; "
+            "load in bfloat16, or leave compile off"
         )
 
 

@@ -120,7 +120,7 @@ def load_weights(
     """
     with torch.device("meta"), skip_init():
         model = build()
-        targets = quant_targets(model, quant.parts) if quant is not None else []
+        targets = quant_targets(model, quant.parts, check=True) if quant is not None else []
         if prequantized:  # the files hold the quantized layout: expect it
             swap_in(model, targets, quant, dtype)
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor; tied names share one object
@@ -205,7 +205,8 @@ class Mismatch:
     unexpected: list[TensorEntry]  # in the files, fitting no part of the model
     missing: list[str]  # model names (one per tied group) that no file holds
     wrong_shape: list[tuple[TensorEntry, tuple[int, ...]]]  # (entry, the shape the model wants)
-    wrong_dtype: list[TensorEntry]  # an integer or bool tensor where the model has a floating one
+    wrong_dtype: list[tuple[TensorEntry, str]]  # (entry, what the model wants): an integer tensor where it
+    # has a floating one, or a quantized weight of another integer type
     duplicates: list[tuple[TensorEntry, TensorEntry, str]]  # two tensors loading into one name
     want_params: int  # elements the model has (tied tensors once)
     have_params: int  # elements of the tensors that load into it
@@ -236,7 +237,9 @@ def compare_tensors(
         if entry.shape != want:
             bad.wrong_shape.append((entry, want))
         elif expected[name].dtype.is_floating_point and not entry.dtype.is_floating_point:
-            bad.wrong_dtype.append(entry)
+            bad.wrong_dtype.append((entry, "a floating-point dtype (F32, F16, BF16)"))
+        elif not expected[name].dtype.is_floating_point and entry.dtype != expected[name].dtype:
+            bad.wrong_dtype.append((entry, dtype_name(expected[name].dtype)))  # a quantized weight's storage
         plan[name] = entry
     bad.missing = [names[0] for names in tied_groups.values() if not any(n in plan for n in names)]
     bad.have_params -= sum(math.prod(plan[n].shape) for names in tied_groups.values() for n in names[1:] if n in plan)
@@ -273,10 +276,9 @@ def plan_tensors(
             f"{folder}: {len(bad.missing)} tensors are missing from the checkpoint, e.g. {bad.missing[:5]} ({counts})"
         )
     if bad.wrong_dtype:
-        entry = bad.wrong_dtype[0]
+        entry, want = bad.wrong_dtype[0]
         raise CheckpointError(
-            f"{entry.file}: tensor {entry.key!r} is stored as {dtype_name(entry.dtype)}; expected a floating-point "
-            "dtype (F32, F16, BF16) for a weight"
+            f"{entry.file}: tensor {entry.key!r} is stored as {dtype_name(entry.dtype)}; expected {want}"
         )
     return plan
 

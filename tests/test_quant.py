@@ -360,3 +360,76 @@ def test_loading_quantized_peaks_at_the_quantized_size_plus_one_tensor(tmp_path)
     for options in ({"quantize": "int8"}, {"quantize": "int4"}):
         r = measure_load(tmp_path, "float32", options)
         assert r["peak"] <= 1.1 * r["size"] + r["largest"], (options, r)
+
+
+# -- what an adversarial review found ---------------------------------------------------------
+
+
+def test_an_int4_model_on_the_cpu_takes_a_state_dict(tmp_path):
+    """Its layers hold only torch's kernel layout after loading; load_state_dict takes the stored
+    layout in and packs it again (another model's weights must then give that model's logits)."""
+    path_a = save_checkpoint(build_text_model("qwen2"), tmp_path / "a", layout="hub")
+    torch.manual_seed(1)
+    path_b = save_checkpoint(build_text_model("qwen2"), tmp_path / "b", layout="hub")
+    a = minivlm.load_model(path_a, quantize="int4", group_size=32)
+    b = minivlm.load_model(path_b, quantize="int4", group_size=32)
+    ids = torch.randint(0, 150, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = b(ids)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(ids), want)
+        a.load_state_dict(a.state_dict())
+        assert torch.equal(a(ids), want)
+
+
+def test_a_saved_tensor_of_the_wrong_integer_type_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minivlm.checkpoint import CheckpointError
+
+    path = save_checkpoint(build_text_model("llama"), tmp_path / "source", layout="hub")
+    out = save_quantized(minivlm.load_model(path, quantize="int8"), path, tmp_path / "q")
+    tensors = load_file(out / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("qweight"))
+    tensors[key] = tensors[key].view(torch.uint8)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{key}.*stored as U8; expected I8"):
+        minivlm.load_model(out)
+
+
+def test_doctor_reads_a_saved_quantized_folder(tmp_path):
+    from minivlm.doctor import diagnose
+
+    path = save_checkpoint(build_text_model("qwen2"), tmp_path / "source", layout="hub")
+    out = save_quantized(minivlm.load_model(path, quantize="int4", kernels="off"), path, tmp_path / "q")
+    problems = [p for p in diagnose(out) if p.where != "tokenizer"]  # the bare test checkpoint has none
+    assert problems == []
+
+
+def test_saving_touches_no_folder_of_yours_and_keeps_the_dtype(tmp_path):
+    path = save_checkpoint(build_text_model("llama"), tmp_path / "source", layout="hub")
+    mine = tmp_path / "q.partial"
+    mine.mkdir()
+    (mine / "important.txt").write_text("data")
+    model = minivlm.load_model(path, dtype="bfloat16", quantize="int8")
+    out = save_quantized(model, path, tmp_path / "q")
+    assert (mine / "important.txt").read_text() == "data"
+    assert [p.name for p in tmp_path.iterdir() if "partial-" in p.name] == []
+    again = minivlm.load_model(out)
+    assert (
+        again.model.embed_tokens.weight.dtype == torch.bfloat16
+        and again.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
+    )
+
+
+def test_settings_a_model_cannot_take(tmp_path):
+    path = save_checkpoint(build_text_model("llama"), tmp_path / "source", layout="hub")
+    with pytest.raises(QuantError, match="vision, which this model has no linear layers in"):
+        minivlm.load_model(path, quantize="int8", quantize_parts=["decoder", "vision"])
+    with pytest.raises(QuantError, match="group_size=64.0: expected a whole number"):
+        minivlm.load_model(path, quantize="int4", group_size=64.0)
+    with pytest.raises(QuantError, match="quantize_parts=3"):
+        minivlm.load_model(path, quantize="int4", quantize_parts=3)
+    model = minivlm.load_model(path, quantize="int8", kernels="auto")  # fp32 activations, the fast path
+    with pytest.raises(minivlm.generation.GenerationError, match="int8 weights on the CPU needs dtype=bfloat16"):
+        minivlm.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, compile=True)
