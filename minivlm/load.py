@@ -129,9 +129,9 @@ def load_model(
 
     quantize: "int8" or "int4" quantizes the weights of the linear layers as they are read (quant.py):
     those of `quantize_parts` ("decoder", the default, "lm_head", "vision", "connector"), int4 in
-    groups of `group_size` inputs (32, 64 (the default) or 128), each group's range searched for the
-    least error (a quant.QuantConfig given as `quantize` sets every choice, search=False among
-    them: plain round-to-nearest). A checkpoint saved quantized
+    groups of `group_size` inputs (32, 64 (the default) or 128), round-to-nearest (a
+    quant.QuantConfig given as `quantize` sets every choice, search=True among them: each group's
+    range searched for the least error). A checkpoint saved quantized
     (quant.save_quantized) loads as it was saved, and takes no quantize argument.
     """
     folder = resolve_checkpoint(path_or_id)

@@ -10,8 +10,10 @@ The schemes, and the reference arithmetic every fast path must equal:
   q = round((w - zero) / scale + 8) in [0, 15]; w ~ (q - 8) * scale + zero. A width the group does
   not divide (576 = 4.5 x 128) is padded at quantization with copies of the row's last input, so
   the last group's range is its real inputs'; the padded inputs meet zeros in the activations.
-  By default each group's range is then searched (QuantConfig.search, quantize_int4): shrunk
-  about its centre where that lowers the group's squared error, clipping its outliers.
+  With QuantConfig.search each group's range is then searched (quantize_int4): shrunk about its
+  centre where that lowers the group's squared error, clipping its outliers. It is off by
+  default: on the one real model measured it moved next-token agreement by under a point either
+  way (BENCHMARKS.md).
 Scales and zeros are rounded to the model's dtype before q is computed, so the dequantized weight
 is exactly what the stored numbers say. The reference (`QuantLinear.dequantize` then a matmul,
 kernels="off") dequantizes in fp32 and rounds once to the activations' dtype.
@@ -60,10 +62,10 @@ class QuantConfig:
     scheme: str  # "int8" or "int4"
     group_size: int = 64  # int4: inputs per scale and zero
     parts: tuple[str, ...] = ("decoder",)
-    search: bool = True  # int4: each group's range searched for the least error (quantize_int4)
+    search: bool = False  # int4: each group's range searched for the least error (quantize_int4)
 
     @classmethod
-    def parse(cls, quantize, group_size: int | None = None, parts=None, search: bool = True) -> "QuantConfig | None":
+    def parse(cls, quantize, group_size: int | None = None, parts=None, search: bool = False) -> "QuantConfig | None":
         """load_model's arguments -> a QuantConfig, or None for no quantization; QuantError names
         the values it takes."""
         if isinstance(quantize, QuantConfig):  # given whole: checked as the words are

@@ -103,10 +103,11 @@ def test_the_range_search_never_loses_and_clips_outliers():
 
 
 def test_a_whole_quant_config_and_its_saved_form():
-    config = QuantConfig.parse(QuantConfig("int4", 32, ("decoder",), search=False))
-    assert config == QuantConfig("int4", 32, ("decoder",), False)
+    config = QuantConfig.parse(QuantConfig("int4", 32, ("decoder",), search=True))
+    assert config == QuantConfig("int4", 32, ("decoder",), True)
+    assert QuantConfig.parse("int4").search is False  # plain round-to-nearest unless asked
     assert QuantConfig.from_json(config.to_json(), "x") == config
-    # a folder saved before the search existed says nothing of it: it was plain round-to-nearest
+    # a folder that says nothing of the search was quantized without it
     assert QuantConfig.from_json({"scheme": "int4", "group_size": 64, "parts": ["decoder"]}, "x").search is False
     assert QuantConfig.parse("int8").search is False  # int8 has no range to search
     with pytest.raises(QuantError, match="inside the QuantConfig"):

@@ -163,8 +163,8 @@ def quality(args: argparse.Namespace) -> None:
     print(f"{'':<24}{'top-1 agreement':>16}{'mean KL':>10}{'perplexity':>12}{'(unquantized)':>15}")
     rows = [("int8", {"quantize": "int8"}), ("int8, reference path", {"quantize": "int8", "kernels": "off"})]
     for g in (32, 64, 128):
-        rows.append((f"int4 g{g}, no search", {"quantize": QuantConfig("int4", g, ("decoder",), search=False)}))
         rows.append((f"int4 g{g}", {"quantize": "int4", "group_size": g}))
+        rows.append((f"int4 g{g}, range search", {"quantize": QuantConfig("int4", g, ("decoder",), search=True)}))
     for name, options in rows:
         model = load_model(args.model, dtype="float32", **options)
         r = compare(reference, model, windows)
