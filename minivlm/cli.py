@@ -306,7 +306,7 @@ def _dropped(images: list) -> str:
 def run_quantize(args) -> None:
     from .hub import resolve_checkpoint
     from .load import load_model
-    from .quant import check_output, save_quantized
+    from .quant_save import check_output, save_quantized
 
     folder = resolve_checkpoint(args.model)
     check_output(folder, Path(args.output))  # before minutes of loading, not after

@@ -132,7 +132,7 @@ def load_model(
     groups of `group_size` inputs (32, 64 (the default) or 128), round-to-nearest (a
     quant.QuantConfig given as `quantize` sets every choice, search=True among them: each group's
     range searched for the least error). A checkpoint saved quantized
-    (quant.save_quantized) loads as it was saved, and takes no quantize argument.
+    (quant_save.save_quantized) loads as it was saved, and takes no quantize argument.
     """
     folder = resolve_checkpoint(path_or_id)
     family, config = read_family_config(folder)

@@ -36,8 +36,8 @@ from minivlm.quant import (
     quant_targets,
     quantize_int4,
     quantize_int8,
-    save_quantized,
 )
+from minivlm.quant_save import save_quantized
 
 
 def weight(out_features, in_features, seed=0):
