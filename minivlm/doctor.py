@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, TensorEntry, checkpoint_file, read_header
-from .config import ConfigError
+from .config import ConfigError, read_config
 from .generation import GenerationDefaults, GenerationError
 from .hub import resolve_checkpoint
 from .processing.chat import ChatTemplateError, find_chat_template, render
@@ -125,7 +125,7 @@ class Doctor:
         if not (self.folder / "config.json").exists():
             return None, None
         try:
-            family, config = read_family_config(self.folder)
+            family, config, _ = read_family_config(self.folder)
         except (ConfigError, CheckpointError) as e:
             self.add_error(e, "config.json", "a config.json minivlm can build a model from")
             return None, None
@@ -199,7 +199,7 @@ class Doctor:
         try:
             with torch.device("meta"), skip_init():
                 model = family.module(config, kernels="off")  # only its parameters' names and shapes count
-                saved = saved_quantization(self.folder)
+                saved = saved_quantization(read_config(self.folder), "config.json")
                 if saved is not None:  # a folder save_quantized wrote holds the quantized layout
                     swap_in(model, quant_targets(model, saved.parts, check=True), saved, model_dtype(config))
         except QuantError as e:

@@ -100,11 +100,11 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
         ) from None
 
 
-def read_family_config(folder) -> tuple[Family, Any]:
-    """The family and the validated config of a checkpoint folder, from its config.json."""
+def read_family_config(folder) -> tuple[Family, Any, dict[str, Any]]:
+    """The family, the validated config and the raw dict of a checkpoint folder's config.json."""
     raw = read_config(folder)
     config = config_from_hf(raw, str(folder / "config.json"))
-    return FAMILIES[raw["model_type"]], config
+    return FAMILIES[raw["model_type"]], config, raw
 
 
 def load_model(
@@ -135,12 +135,12 @@ def load_model(
     (quant_save.save_quantized) loads as it was saved, and takes no quantize argument.
     """
     folder = resolve_checkpoint(path_or_id)
-    family, config = read_family_config(folder)
+    family, config, raw = read_family_config(folder)
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     kernels = ops.kernels_choice(kernels)
     ops.check_kernels_device(kernels, torch.device(device))
     quant = QuantConfig.parse(quantize, group_size, quantize_parts)
-    saved = saved_quantization(folder)
+    saved = saved_quantization(raw, f"{folder}/config.json")
     if saved is not None and quant is not None:
         raise QuantError(f"{folder} is saved quantized ({saved.scheme}); load it without quantize=")
     model = load_weights(

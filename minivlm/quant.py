@@ -374,14 +374,12 @@ def quantized_bytes(model: nn.Module) -> int:
     return held + sum(t.numel() * t.element_size() for t in packed)
 
 
-def saved_quantization(folder) -> QuantConfig | None:
-    """The QuantConfig a checkpoint folder was saved with (config.json's "minivlm_quantization"), or None."""
-    from .config import read_config
-
-    raw = read_config(folder)
+def saved_quantization(raw: dict, source: str) -> QuantConfig | None:
+    """The QuantConfig a checkpoint was saved with (its config.json's "minivlm_quantization",
+    `raw` that file's dict), or None."""
     if "minivlm_quantization" not in raw:
         return None
-    return QuantConfig.from_json(raw["minivlm_quantization"], f"{folder}/config.json")
+    return QuantConfig.from_json(raw["minivlm_quantization"], source)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
