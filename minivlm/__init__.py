@@ -8,6 +8,7 @@ from .config import ConfigError
 from .generation import GenerationError, generate, stream
 from .load import load_model, load_processor
 from .processing.processor import ProcessorError
+from .training.loss import loss
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "load_processor",
     "generate",
     "stream",
+    "loss",
     "CheckpointError",
     "ConfigError",
     "ProcessorError",

@@ -3,6 +3,7 @@
 generate   answer a prompt about images, streamed to stdout
 chat       an interactive chat that keeps its KV cache between turns
 quantize   save a checkpoint quantized (int8 or int4)
+train      train the connector, LoRA or everything on LLaVA-format data (torchrun for several processes)
 download   fetch a hub checkpoint into weights/
 bench      benchmarks against transformers, in the same process
 parity     minivlm against transformers, layer by layer, on one checkpoint
@@ -25,6 +26,8 @@ from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError
 from .quant import QuantError
+from .training import DataError, LabelError, LoraError, SaveError, TrainError
+from .training import cli as train_cli
 
 # Errors about the user's input or files: one line on stderr, no traceback. Anything else is a bug
 # of ours and keeps its traceback.
@@ -39,6 +42,11 @@ USER_ERRORS = (
     ProcessorError,
     QuantError,
     TokenizerError,
+    DataError,
+    LabelError,
+    LoraError,
+    SaveError,
+    TrainError,
 )
 
 
@@ -48,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parsers(sub)
+    train_cli.add_parser(sub)
     bench.add_parser(sub)
     parity.add_parser(sub)
     doctor.add_parser(sub)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import TextConfig
@@ -205,6 +206,8 @@ class TextModel(nn.Module):
         # builds the tree on the meta device (real values are needed), and moved with the model.
         inv_freq = ops.rope_inv_freq(config.rope, config.head_dim, device="cpu")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Training: recompute each layer's activations in the backward pass instead of storing them.
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -241,7 +244,10 @@ class TextModel(nn.Module):
         cos, sin = ops.rope_cos_sin(self.inv_freq, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_valid, cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # keep each layer's input only
+                x = checkpoint(layer, x, cos, sin, kv_valid, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_valid, cache)
         if cache is not None:
             cache.length += seq
         return self.norm(x)
@@ -311,6 +317,12 @@ class DecoderLM(nn.Module):
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (batch, seq) -> the last hidden states (batch, seq, hidden), before `lm_head`
+        (training's loss takes the logits of the labelled positions only)."""
+        check_inputs(input_ids, attention_mask, self.config.vocab_size)
+        return self.model(self.model.embed_tokens(input_ids), attention_mask)
 
     def decode_step(
         self,

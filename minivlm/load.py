@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .config import ConfigError, TextConfig, read_config
+from .config import ConfigError, ConnectorConfig, TextConfig, read_config
+from .connector import CONNECTORS
 from .decoder import DecoderLM
 from .family_config import idefics3_config, llama3v_config, llava_config, llava_next_config
 from .generation import GenerationDefaults
@@ -35,17 +37,20 @@ class Family:
     keys: KeyTable  # checkpoint key -> module name (weights.py)
     processor: type[Processor]  # its image settings, tiling, placeholder text and token count
     parity: ParityMap  # transformers' twin and the stages `minivlm parity` compares
+    hf_decoder: str = "model.language_model"  # transformers' module name of the decoder (LlamaModel): PEFT keys by it
 
 
 # config.json's model_type -> family. A new family, or a variant of one, is its classes and one row here.
 FAMILIES: dict[str, Family] = {
-    "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
-    "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
-    "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY),
-    "llava": Family(llava_config, Llava, LLAVA_KEYS, LlavaProcessor, VLM_PARITY),
-    "llava_next": Family(llava_next_config, LlavaNext, LLAVA_KEYS, LlavaNextProcessor, VLM_PARITY),
-    "idefics3": Family(idefics3_config, Idefics3, IDEFICS3_KEYS, Idefics3Processor, VLM_PARITY),
-    "llama3v": Family(llama3v_config, Llama3V, LLAMA3V_KEYS, Llama3VProcessor, NO_PARITY_LLAMA3V),
+    "llama": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY, "model"),
+    "mistral": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY, "model"),
+    "qwen2": Family(TextConfig.from_hf, DecoderLM, TEXT_KEYS, Processor, TEXT_PARITY, "model"),
+    "llava": Family(llava_config, Llava, LLAVA_KEYS, LlavaProcessor, VLM_PARITY, "model.language_model"),
+    "llava_next": Family(
+        llava_next_config, LlavaNext, LLAVA_KEYS, LlavaNextProcessor, VLM_PARITY, "model.language_model"
+    ),
+    "idefics3": Family(idefics3_config, Idefics3, IDEFICS3_KEYS, Idefics3Processor, VLM_PARITY, "model.text_model"),
+    "llama3v": Family(llama3v_config, Llama3V, LLAMA3V_KEYS, Llama3VProcessor, NO_PARITY_LLAMA3V, "llm.model"),
 }
 
 DTYPES = {
@@ -90,7 +95,10 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
     """
     family = row_of(raw.get("model_type"), source)
     try:
-        return family.config(raw, source)
+        config = family.config(raw, source)
+        if CONNECTOR_KEY in raw:  # a connector swapped and trained by minivlm: its row replaces the family's
+            config = dataclasses.replace(config, connector=swapped_connector(raw[CONNECTOR_KEY], source))
+        return config
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a field of the wrong shape
@@ -98,6 +106,23 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> Any:
             f"{source}: a field has a value of the wrong type or shape ({type(e).__name__}: {e}); "
             "expected a config.json as transformers writes it"
         ) from None
+
+
+# config.json's row of a connector swapped in by minivlm (training.save writes it): the fields of
+# config.ConnectorConfig, its `kind` a name in connector.CONNECTORS (registered before loading).
+CONNECTOR_KEY = "minivlm_connector"
+
+
+def swapped_connector(row, source: str) -> ConnectorConfig:
+    fields = {f.name for f in dataclasses.fields(ConnectorConfig)}
+    if not isinstance(row, dict) or not {"kind", "in_dim", "out_dim"} <= set(row) or not set(row) <= fields:
+        raise ConfigError(f"{source}: {CONNECTOR_KEY} must be a dict of ConnectorConfig's fields {sorted(fields)}")
+    if row["kind"] not in CONNECTORS:
+        raise ConfigError(
+            f"{source}: the connector {row['kind']!r} is not registered; minivlm has {sorted(CONNECTORS)} "
+            "(register its class in minivlm.connector.CONNECTORS before loading)"
+        )
+    return ConnectorConfig(**row)
 
 
 def read_family_config(folder) -> tuple[Family, Any, dict[str, Any]]:
@@ -165,9 +190,19 @@ def load_processor(path_or_id: str | os.PathLike) -> Processor:
         if (folder / name).exists():
             open_regular(folder / name, ProcessorError).close()
     try:
-        return processor_class(folder).load(folder)
+        processor = processor_class(folder).load(folder)
     except TokenizerError as e:
         raise ProcessorError(str(e)) from None
+    try:
+        raw = read_json(folder / "config.json", ProcessorError)
+    except ProcessorError:  # a processor needs no config.json, nor one it can read
+        raw = {}
+    if processor.family is not None and CONNECTOR_KEY in raw:  # its token count follows the swapped connector
+        try:
+            processor.connector = swapped_connector(raw[CONNECTOR_KEY], str(folder / "config.json"))
+        except ConfigError as e:
+            raise ProcessorError(str(e)) from None
+    return processor
 
 
 def processor_class(folder) -> type[Processor]:

@@ -94,17 +94,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def use_kernels(x: torch.Tensor, kernels: str) -> bool:
-    """Whether an op on `x` runs the Triton kernel under the choice `kernels` ("auto", "on" or "off":
-    see the module docstring)."""
+def use_kernels(x: torch.Tensor, kernels: str, *others: torch.Tensor | None) -> bool:
+    """Whether an op on `x` (and `others`, its other tensor inputs) runs the Triton kernel under the
+    choice `kernels` ("auto", "on" or "off": see the module docstring)."""
     if kernels == "off":
         return False
+    # The kernels have no backward: where autograd records (training), "auto" takes the torch path.
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others))
     if kernels == "on":
         check_kernels_device("on", x.device)
+        if recording:
+            raise KernelsError("the Triton kernels have no backward pass; train with kernels='auto' or 'off'")
         return True
     if kernels != "auto":
         raise KernelsError(f"kernels={kernels!r}: an op takes 'auto', 'on' or 'off' (kernels_choice reads the rest)")
-    return x.is_cuda and _triton_kernels() is not None
+    return x.is_cuda and not recording and _triton_kernels() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "auto") -> torch.Tensor:
@@ -113,7 +117,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "
     The cast happens before the multiply by `weight`, so in bf16 the product is rounded twice; a
     kernel that multiplies in fp32 and rounds once is more accurate and would not match.
     """
-    if use_kernels(x, kernels):
+    if use_kernels(x, kernels, weight):
         return _triton_kernels().norms.rms_norm(x, weight, eps)
     dtype = x.dtype
     x32 = x.float()
@@ -170,7 +174,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (batch, heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) by cos and sin
     (batch, seq, head_dim)."""
-    if use_kernels(q, kernels):
+    if use_kernels(q, kernels, k):
         return _triton_kernels().rope.apply_rope(q, k, cos, sin)
     cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim): broadcast over heads
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -237,7 +241,7 @@ def attention(
     The Triton kernel keeps the scores in fp32 instead (closer to exact, not bit-equal in half
     precision) and gives a query with no visible key the mean of the keys it scanned.
     """
-    if use_kernels(q, kernels):
+    if use_kernels(q, kernels, k, v):
         return _triton_kernels().attention.attention(
             q, k, v, causal=causal, q_offset=q_offset, kv_valid=kv_valid, window=window, scale=scale
         )
@@ -346,7 +350,7 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, kernels: str = "auto"
 ) -> torch.Tensor:
     """LayerNorm over the last dim, as nn.LayerNorm (the vision towers)."""
-    if use_kernels(x, kernels):
+    if use_kernels(x, kernels, weight, bias):
         return _triton_kernels().norms.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import VisionConfig
@@ -129,6 +130,7 @@ class VisionTower(nn.Module):
             self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = Encoder(config)
         self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False  # training: recompute activations in the backward pass
 
     def forward(
         self,
@@ -167,7 +169,10 @@ class VisionTower(nn.Module):
 
         states = {0: x} if 0 in wanted else {}  # only the wanted layers' outputs are kept
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
-            x = layer(x, kv_valid)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # keep each layer's input only
+                x = checkpoint(layer, x, kv_valid, use_reentrant=False)
+            else:
+                x = layer(x, kv_valid)
             if i in wanted:
                 states[i] = x
         return [states[i] for i in wanted]

@@ -83,12 +83,32 @@ class VisionLanguageModel(nn.Module):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """The names of transformers' processor outputs -> logits (batch, seq, vocab)."""
-        check_inputs(input_ids, attention_mask, self.config.text.vocab_size)
-        embeds = self.embed(input_ids, pixel_values, image_sizes=image_sizes, pixel_attention_mask=pixel_attention_mask)
-        hidden = self.language_model.model(embeds, attention_mask, cache)
+        hidden = self.hidden(
+            input_ids,
+            attention_mask,
+            cache=cache,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            pixel_attention_mask=pixel_attention_mask,
+        )
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.language_model.lm_head(hidden)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache=None,
+        pixel_values=None,
+        **image_inputs,
+    ) -> torch.Tensor:
+        """The decoder's last hidden states (batch, seq, hidden), before `lm_head` (training's loss
+        takes the logits of the labelled positions only)."""
+        check_inputs(input_ids, attention_mask, self.config.text.vocab_size)
+        embeds = self.embed(input_ids, pixel_values, **image_inputs)
+        return self.language_model.model(embeds, attention_mask, cache)
 
 
 class Llava(VisionLanguageModel):

@@ -29,6 +29,7 @@ class Idefics3Processor(Processor):
     """Idefics3 / SmolVLM: split into tiles plus a global image, with row/col markers."""
 
     family, hf_name, tiling = "idefics3", "Idefics3Processor", "idefics3"
+    rows_first = True
 
 
 class Llama3VProcessor(Processor):

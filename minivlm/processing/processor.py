@@ -48,6 +48,7 @@ class Processor:
     hf_name: str | None = None  # transformers' processor_class, which a processor saved alone names
     tiling: str | None = None  # a row of tiling.TILINGS; an instance may name another
     videos = False  # whether a <video> may stand in a prompt (as its frames)
+    rows_first = False  # pixel inputs are (batch rows, images, ...) (Idefics3), not (images, ...)
 
     def __init__(
         self,
@@ -162,13 +163,24 @@ class Processor:
         """text: a prompt or a list of prompts; images: the images of all prompts, in order (paths,
         PIL images, arrays); videos: one per <video> in the prompts, each a list of frames or a
         folder of frame images. Returns input_ids and attention_mask, and the family's pixel inputs."""
-        texts = _texts(text)
-        images = _flat_images(images, texts, self.tokens.image_token)
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ProcessorError(f"padding_side {side!r}: expected 'left' or 'right'")
         if return_tensors not in ("pt", None):
             raise ProcessorError(f"return_tensors {return_tensors!r}: expected 'pt' or None")
+        expanded, out, _ = self.expand(text, images, videos)
+        ids = [self.tokenizer.encode(t, add_special_tokens) for t in expanded]
+        out = {**self._pad(ids, side), **out}
+        if return_tensors == "pt":
+            return {key: torch.as_tensor(np.asarray(v)) for key, v in out.items()}
+        return out
+
+    def expand(self, text, images=None, videos=None) -> tuple[list[str], dict, list[str]]:
+        """`__call__` before tokenizing: the prompts with each image token replaced by the text its
+        image becomes (its tiles' tokens), the family's pixel inputs (unpadded lists), and those
+        replacements in order (training's labels find where each turn went through them)."""
+        texts = _texts(text)
+        images = _flat_images(images, texts, self.tokens.image_token)
         for i, t in enumerate(texts):  # before tokenizing: a runaway prompt costs time and memory there
             check_prompt_length(t, f"prompt {i}", ProcessorError)
         if videos is not None:
@@ -190,11 +202,7 @@ class Processor:
                 pieces[i] = replacements[k] + pieces[i]
                 k += 1
             expanded.append("".join(pieces))
-        ids = [self.tokenizer.encode(t, add_special_tokens) for t in expanded]
-        out = {**self._pad(ids, side), **out}
-        if return_tensors == "pt":
-            return {key: torch.as_tensor(np.asarray(v)) for key, v in out.items()}
-        return out
+        return expanded, out, replacements
 
     def check_video_support(self) -> None:
         if not self.videos:

@@ -1,0 +1,118 @@
+"""LLaVA's training data -> batches: the JSON list its two stages train on, read and checked up
+front, each example turned into inputs and labels (labels.py), examples padded into a batch.
+
+The format (LLaVA's `LazySupervisedDataset`): a JSON list of
+    {"id": ..., "image": "file.jpg" (or a list of files, or absent for text),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}, ...]}
+with image paths relative to an images folder, and one "<image>" in the turns per image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .labels import IGNORE, LabelError, conversation_inputs, llava_messages
+
+
+class DataError(ValueError):
+    """Training data that cannot be used: the file, the example and what was expected."""
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: list[dict]  # transformers' chat messages
+    images: tuple[Path, ...]
+    where: str  # "data.json, example 12 (id 'abc')": for errors
+
+
+def read_llava_json(path, images_dir=None, image_token: str = "<image>") -> list[Example]:
+    """Every example of a LLaVA-format JSON file, checked before any training: each is an object
+    with 'conversations' (and an assistant turn), its images exist, and the "<image>" count matches."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the training data as JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON list of examples, got {type(data).__name__}")
+    images_dir = Path(images_dir) if images_dir is not None else path.parent
+    examples = []
+    for i, item in enumerate(data):
+        where = f"{path}, example {i}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) and "id" in item else "")
+        if not isinstance(item, dict) or "conversations" not in item:
+            raise DataError(f"{where}: expected an object with 'conversations' (and 'image' where it has one)")
+        files = item.get("image") or []
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise DataError(f"{where}: 'image' must be a file name or a list of them, got {item.get('image')!r}")
+        try:
+            messages = llava_messages(item["conversations"], image_token, where)
+        except LabelError as e:
+            raise DataError(str(e)) from None
+        tokens = sum(str(t.get("value", "")).count(image_token) for t in item["conversations"])
+        if tokens != len(files):
+            raise DataError(
+                f"{where}: the turns hold {tokens} {image_token!r} and the example has {len(files)} images; "
+                f"expected one {image_token!r} per image, where it stands in the conversation"
+            )
+        paths = tuple(images_dir / f for f in files)
+        for p in paths:
+            if not p.is_file():
+                raise DataError(f"{where}: image {p} does not exist (image paths are relative to {images_dir})")
+        examples.append(Example(messages, paths, where))
+    return examples
+
+
+def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): a fixed-seed random `eval_fraction` of the examples is held out."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval fraction {eval_fraction}: expected a number in [0, 1)")
+    n_eval = round(len(examples) * eval_fraction)
+    if eval_fraction and not 0 < n_eval < len(examples):
+        raise DataError(f"holding out {eval_fraction:.0%} of {len(examples)} examples leaves no training or no eval")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def encode(processor, example: Example, eos_token: str | None = None) -> dict:
+    """One example -> its model inputs and labels (batch of 1); eos_token as labels.learned_pieces."""
+    try:
+        return conversation_inputs(processor, example.messages, list(example.images) or None, eos_token=eos_token)
+    except LabelError as e:
+        raise DataError(f"{example.where}: {e}") from None
+    except ValueError as e:  # the processor's errors (an unreadable image, a prompt too long) say what
+        raise DataError(f"{example.where}: {e}") from None
+
+
+def collate(items: list[dict], pad_id: int, rows_first: bool) -> dict:
+    """Encoded examples -> one batch: token rows padded on the right (attention 0, label IGNORE),
+    pixel inputs concatenated, each padded with zeros to the largest in every dimension but the
+    first (NeXT's tile counts, Idefics3's image counts and canvases, llama3v's slices: zeros are
+    what their processors pad with). rows_first: the pixel inputs are (rows, images, ...), so a
+    row without images gets all-zero ones, which the model skips."""
+    width = max(item["input_ids"].shape[1] for item in items)
+    batch = {
+        "input_ids": torch.cat([F.pad(it["input_ids"], (0, width - it["input_ids"].shape[1]), value=pad_id) for it in items]),
+        "attention_mask": torch.cat([F.pad(it["attention_mask"], (0, width - it["attention_mask"].shape[1])) for it in items]),
+        "labels": torch.cat([F.pad(it["labels"], (0, width - it["labels"].shape[1]), value=IGNORE) for it in items]),
+    }  # fmt: skip
+    keys = sorted({k for it in items for k in it} - set(batch))
+    for key in keys:
+        parts = [it[key] for it in items if key in it]
+        shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
+        padded = []
+        for it in items:
+            if key in it:
+                t = it[key]
+                pads = [x for d in reversed(range(1, t.dim())) for x in (0, shape[d] - t.shape[d])]
+                padded.append(F.pad(t, pads))
+            elif rows_first:  # a text-only row among rows with images: all-zero images are padding
+                padded.append(parts[0].new_zeros(1, *shape[1:]))
+        batch[key] = torch.cat(padded)
+    return batch
