@@ -73,6 +73,11 @@ def smollm2() -> Path:
     )
 
 
+def scratch(name: str) -> Path:
+    """A new empty folder for what a notebook writes (training data, a saved checkpoint)."""
+    return Path(tempfile.mkdtemp(prefix=f"minivlm-{name}-"))
+
+
 def is_real(folder: Path) -> bool:
     return folder.parent == ROOT / "weights"
 

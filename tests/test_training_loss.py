@@ -23,7 +23,7 @@ from test_vlm import batch
 
 import minivlm
 from minivlm.bench.tiny import tiny_checkpoint
-from minivlm.bench.tiny.models import VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from minivlm.bench.tiny.models import build_text_model, build_vlm_model, save_checkpoint
 from minivlm.training import IGNORE, LabelError, conversation_inputs, loss
 from minivlm.weights import IDEFICS3_KEYS, LLAVA_KEYS, TEXT_KEYS
 
@@ -108,6 +108,26 @@ def test_text_loss_and_gradients_equal_transformers(decoder, tmp_path):
     mine.backward()
     assert abs(mine.item() - theirs.item()) <= 1e-5 * abs(theirs.item())
     compare_gradients(hf, ours, TEXT_KEYS, "off", [n for n, _ in ours.named_parameters() if ".layers.1." in n])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gradient_checkpointing_changes_no_gradient(vlm, bf16):
+    """Recomputing the activations in the backward pass runs the same arithmetic: the same gradients,
+    bit for bit, in fp32 and under bf16 autocast."""
+    name, hf, folder = vlm
+    ids, mask, inputs, _ = batch(name, hf, [2])
+    labels = labels_of(ids, mask)
+    grads = []
+    for checkpointing in (False, True):
+        ours = minivlm.load_model(folder)
+        for module in ours.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = checkpointing
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = loss(ours, ids, labels, mask, **inputs)
+        value.backward()
+        grads.append({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 def test_loss_refuses_what_it_cannot_use(vlm):

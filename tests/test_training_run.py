@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 import minivlm
 from minivlm.__main__ import main
 from minivlm.bench.tiny import tiny_checkpoint
-from minivlm.bench.tiny.captions import COLORS, QUESTION, color_captions
+from minivlm.bench.captions import COLORS, QUESTION, color_captions
 from minivlm.connector import CONNECTORS, MLP2xGELU
 from minivlm.training import TrainConfig, read_llava_json, save_checkpoint, split, train
 from minivlm.training.trainer import World, evaluate
@@ -63,8 +63,23 @@ def run(*args: str) -> int:
 def test_stage_one_changes_only_the_connector(task, tmp_path):
     model, data = task
     out = tmp_path / "out"
-    assert run("--model", model, "--data", data, "--train", "connector", "--max-steps", 3, "--batch-size", 2,
-               "--output", out) == 0  # fmt: skip
+    assert (
+        run(
+            "--model",
+            model,
+            "--data",
+            data,
+            "--train",
+            "connector",
+            "--max-steps",
+            3,
+            "--batch-size",
+            2,
+            "--output",
+            out,
+        )
+        == 0
+    )
     before, after = tensors_of(model), tensors_of(out)
     assert set(before) == set(after)  # the source's layout: every key, nothing new
     changed = {k for k in before if digest(before[k]) != digest(after[k])}
@@ -130,15 +145,44 @@ def test_two_processes_match_one_with_the_combined_batch(task, tmp_path):
     model, data = task
     subset = tmp_path / "data.json"
     subset.write_text(json.dumps(json.loads(Path(data).read_text())[:16]))
-    common = ["--model", model, "--data", subset, "--images", Path(data).parent, "--train", "all",
-              "--lr", "1e-3", "--max-steps", "3", "--grad-accum", "2", "--seed", "3"]  # fmt: skip
+    common = [
+        "--model",
+        model,
+        "--data",
+        subset,
+        "--images",
+        Path(data).parent,
+        "--train",
+        "all",
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        "3",
+        "--grad-accum",
+        "2",
+        "--seed",
+        "3",
+    ]
     assert run(*common, "--batch-size", 2, "--output", tmp_path / "one") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
-        [*torchrun, "-m", "minivlm", "train", *map(str, common), "--batch-size", "1", "--output", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *torchrun,
+            "-m",
+            "minivlm",
+            "train",
+            *map(str, common),
+            "--batch-size",
+            "1",
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     one = [json.loads(x) for x in (tmp_path / "one" / "training_log.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "training_log.jsonl").read_text().splitlines()]
@@ -186,8 +230,10 @@ def test_lora_saved_as_an_adapter_and_merged(task, tmp_path):
     common = ["--model", model, "--data", data, "--train", "lora", "--max-steps", 2, "--lr", "1e-2"]
     assert run(*common, "--save-adapter", "--output", tmp_path / "adapter") == 0
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "training_log.jsonl"
-    }  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_log.jsonl",
+    }
     assert run(*common, "--output", tmp_path / "merged") == 0
     before, after = tensors_of(model), tensors_of(tmp_path / "merged")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -209,12 +255,17 @@ def test_lora_saved_as_an_adapter_and_merged(task, tmp_path):
 def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expect):
     model, data = task
     images = Path(data).parent
-    good = {"image": "images/0.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}]}
+    good = {
+        "image": "images/0.png",
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}],
+    }
     bad = {
         "missing image": [dict(good, image="nope.png")],
-        "two tokens": [dict(good, conversations=[{"from": "human", "value": "<image><image>"}, good["conversations"][1]])],
+        "two tokens": [
+            dict(good, conversations=[{"from": "human", "value": "<image><image>"}, good["conversations"][1]])
+        ],
         "no answer": [dict(good, conversations=good["conversations"][:1])],
-    }.get(problem, [good])  # fmt: skip
+    }.get(problem, [good])
     path = tmp_path / "data.json"
     path.write_text("{oops" if problem == "not json" else json.dumps(bad))
     out = tmp_path / "out"

@@ -10,7 +10,6 @@ adapter folder; either way with training_log.jsonl, the loss of every step, besi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -87,9 +86,10 @@ def run_train(args) -> None:
         lora=lora,
     )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = join_world(device)
-    if device.type == "cuda" and args.device is None:
+    if device.type == "cuda" and device.index is None:  # under torchrun: this process's own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    world = join_world(device)
     try:
         from ..hub import resolve_checkpoint
 
@@ -100,8 +100,11 @@ def run_train(args) -> None:
         model = load_model(source, dtype=parse_dtype(args.dtype), device=device)
         processor = load_processor(source)
         if world.main:
-            print(f"minivlm: training {args.train} on {len(train_set)} examples ({len(eval_set)} held out), "
-                  f"{world.size} process(es)", file=sys.stderr)  # fmt: skip
+            print(
+                f"minivlm: training {args.train} on {len(train_set)} examples ({len(eval_set)} held out), "
+                f"{world.size} process(es)",
+                file=sys.stderr,
+            )
         state = train(model, processor, train_set, config, eval_set, resume=args.resume)
         if world.main:
             if args.save_adapter:
@@ -113,8 +116,10 @@ def run_train(args) -> None:
             log = "".join(json.dumps(r) + "\n" for r in state.history)
             (output / "training_log.jsonl").write_text(log, encoding="utf-8")
             last = state.history[-1] if state.history else {}
-            print(f"minivlm: wrote {output} (step {state.step}, loss {last.get('loss', float('nan')):.4f})",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"minivlm: wrote {output} (step {state.step}, loss {last.get('loss', float('nan')):.4f})",
+                file=sys.stderr,
+            )
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.barrier()

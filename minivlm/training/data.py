@@ -43,7 +43,9 @@ def read_llava_json(path, images_dir=None, image_token: str = "<image>") -> list
     images_dir = Path(images_dir) if images_dir is not None else path.parent
     examples = []
     for i, item in enumerate(data):
-        where = f"{path}, example {i}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) and "id" in item else "")
+        where = f"{path}, example {i}" + (
+            f" (id {item.get('id')!r})" if isinstance(item, dict) and "id" in item else ""
+        )
         if not isinstance(item, dict) or "conversations" not in item:
             raise DataError(f"{where}: expected an object with 'conversations' (and 'image' where it has one)")
         files = item.get("image") or []
@@ -98,10 +100,14 @@ def collate(items: list[dict], pad_id: int, rows_first: bool) -> dict:
     row without images gets all-zero ones, which the model skips."""
     width = max(item["input_ids"].shape[1] for item in items)
     batch = {
-        "input_ids": torch.cat([F.pad(it["input_ids"], (0, width - it["input_ids"].shape[1]), value=pad_id) for it in items]),
-        "attention_mask": torch.cat([F.pad(it["attention_mask"], (0, width - it["attention_mask"].shape[1])) for it in items]),
+        "input_ids": torch.cat(
+            [F.pad(it["input_ids"], (0, width - it["input_ids"].shape[1]), value=pad_id) for it in items]
+        ),
+        "attention_mask": torch.cat(
+            [F.pad(it["attention_mask"], (0, width - it["attention_mask"].shape[1])) for it in items]
+        ),
         "labels": torch.cat([F.pad(it["labels"], (0, width - it["labels"].shape[1]), value=IGNORE) for it in items]),
-    }  # fmt: skip
+    }
     keys = sorted({k for it in items for k in it} - set(batch))
     for key in keys:
         parts = [it[key] for it in items if key in it]

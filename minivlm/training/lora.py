@@ -97,7 +97,9 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         owner, _, attr = name.rpartition(".")
         if attr in config.targets:
             if type(module) is not nn.Linear:  # a quantized layer has no float weight to add to
-                raise LoraError(f"{prefix}.{name} is a {type(module).__name__}; LoRA goes on a full-precision nn.Linear")
+                raise LoraError(
+                    f"{prefix}.{name} is a {type(module).__name__}; LoRA goes on a full-precision nn.Linear"
+                )
             setattr(decoder.get_submodule(owner), attr, LoraLinear(module, config))
             names.append(f"{prefix}.{name}")
     return names
@@ -195,6 +197,8 @@ def load_adapter(model: nn.Module, folder, hf_decoder: str) -> LoraConfig:
     with torch.no_grad():
         for key, name in expected.items():
             if params[name].shape != weights[key].shape:
-                raise LoraError(f"{folder}: {key} has shape {list(weights[key].shape)}, the model's is {list(params[name].shape)}")
+                raise LoraError(
+                    f"{folder}: {key} has shape {list(weights[key].shape)}, the model's is {list(params[name].shape)}"
+                )
             params[name].copy_(weights[key])
     return config

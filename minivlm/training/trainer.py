@@ -237,7 +237,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = rate
             micro = step_batches(examples, config, world, state.step, per_epoch)
-            batches = [collate([encode(processor, e, eos) for e in part], pad_id, processor.rows_first) for part in micro]
+            batches = [
+                collate([encode(processor, e, eos) for e in part], pad_id, processor.rows_first) for part in micro
+            ]
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
             count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             seen = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -263,7 +265,9 @@ def train(
             optimizer.step()
             step_loss = float(all_sum(total_loss, world)) / count
             if not math.isfinite(step_loss):
-                raise TrainError(f"step {state.step}: the loss is {step_loss}; lower the learning rate or check the data")
+                raise TrainError(
+                    f"step {state.step}: the loss is {step_loss}; lower the learning rate or check the data"
+                )
             state.step += 1
             record = {"step": state.step, "loss": step_loss, "lr": rate, "grad_norm": grad_norm, "tokens": seen}
             if eval_examples and (state.step == total or (config.eval_every and state.step % config.eval_every == 0)):
