@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 
 import minivlm
 from minivlm.__main__ import main
-from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.bench.captions import COLORS, QUESTION, color_captions
+from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.connector import CONNECTORS, MLP2xGELU
 from minivlm.training import TrainConfig, read_llava_json, save_checkpoint, split, train
 from minivlm.training.trainer import World, evaluate
