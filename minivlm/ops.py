@@ -104,7 +104,11 @@ def use_kernels(x: torch.Tensor, kernels: str, *others: torch.Tensor | None) -> 
     if kernels == "on":
         check_kernels_device("on", x.device)
         if recording:
-            raise KernelsError("the Triton kernels have no backward pass; train with kernels='auto' or 'off'")
+            raise KernelsError(
+                "autograd is recording this op (grad mode is on and an input requires grad), and the Triton "
+                "kernels have no backward pass: run inference under torch.no_grad(), or train with "
+                "kernels='auto' or 'off'"
+            )
         return True
     if kernels != "auto":
         raise KernelsError(f"kernels={kernels!r}: an op takes 'auto', 'on' or 'off' (kernels_choice reads the rest)")

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from real_files import real_folder
@@ -212,3 +214,24 @@ def test_a_conversation_without_an_answer_is_refused(tmp_path):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
     ]
+
+
+def test_the_triton_kernels_step_aside_where_autograd_records(monkeypatch):
+    """The kernels have no backward pass. Under "auto" an op whose inputs require grad takes the torch
+    path (on CUDA; a CPU tensor never takes a kernel under "auto"); under "on" it is refused by name."""
+    from minivlm import ops
+
+    monkeypatch.setattr(ops, "_interpreting", lambda: True)  # "on" is allowed on the CPU only so
+    x, w = torch.randn(2, 8), torch.ones(8, requires_grad=True)
+    assert ops.use_kernels(x, "on", torch.ones(8))
+    with pytest.raises(ops.KernelsError, match="no backward pass"):
+        ops.use_kernels(x, "on", w)
+    with torch.no_grad():
+        assert ops.use_kernels(x, "on", w)  # inference: nothing records
+    # Under "auto", a CUDA input takes the kernel unless autograd records (a stand-in: no GPU here).
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: object())
+    cuda = SimpleNamespace(is_cuda=True, requires_grad=False)
+    assert ops.use_kernels(cuda, "auto", torch.ones(8))
+    assert not ops.use_kernels(cuda, "auto", w)
+    with torch.no_grad():
+        assert ops.use_kernels(cuda, "auto", w)
