@@ -9,6 +9,7 @@ work. Used by quant_save (a quantized model) and training.save (a trained one, i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,20 +27,29 @@ def check_output(source, output, error: type[Exception]) -> None:
         raise error(f"{source}: no config.json; expected the checkpoint folder the model was loaded from")
     if output.is_symlink() or (output.exists() and (not output.is_dir() or any(output.iterdir()))):
         raise error(f"{output} exists and is not an empty folder; choose a new one")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise error(f"{output.parent} is not a folder")
+    parent = Path(os.path.abspath(output)).parent
+    while not parent.exists():  # the nearest folder that exists is where the new ones get made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{parent} is not a folder")
+    try:  # a trial folder: the one sure test (permissions, a read-only or virtual file system, root)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".minivlm-write-test-"))
+    except OSError as e:
+        raise error(f"{output} cannot be written: {parent} does not take a new folder ({e.strerror})") from None
 
 
-def write_checkpoint(source, output, config: dict, tensors: dict[str, torch.Tensor], error: type[Exception]) -> Path:
+def write_checkpoint(
+    source, output, config: dict, tensors: dict[str, torch.Tensor], error: type[Exception], extra: dict | None = None
+) -> Path:
     """Write `config` as config.json and `tensors` (name -> tensor, written as they are) into a new
-    folder `output`, with the source folder's other files copied. Returns `output`."""
+    folder `output`, with the source folder's other files copied and `extra` (file name -> text)
+    written beside them. Returns `output`."""
     from safetensors.torch import save_file  # looked up here, so that a test can replace it
 
     source, output = Path(source), Path(output)
     check_output(source, output, error)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # never a folder of yours
-    try:
+
+    def fill(partial: Path) -> None:
         for f in source.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in (*WEIGHT_FILES, "config.json"):
                 shutil.copy2(f, partial / f.name)
@@ -56,8 +66,23 @@ def write_checkpoint(source, output, config: dict, tensors: dict[str, torch.Tens
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": size}, "weight_map": where}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    return write_folder(output, fill, extra)
+
+
+def write_folder(output: Path, fill, extra: dict | None = None) -> Path:
+    """Make the new folder `output`: `fill(folder)` writes into a hidden temporary folder beside it,
+    `extra` (file name -> text) is added, and the folder is renamed into place; on any failure the
+    temporary folder is removed and nothing is left."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))  # never a folder of yours
+    try:
+        fill(partial)
+        for name, text in (extra or {}).items():
+            (partial / name).write_text(text, encoding="utf-8")
         if output.is_dir() and not output.is_symlink():
-            output.rmdir()  # empty: checked above
+            output.rmdir()  # empty: check_output said so
         partial.rename(output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -84,4 +109,7 @@ def with_dtype(raw: dict, dtype: torch.dtype) -> dict:
     raw = {**raw, "torch_dtype": name}
     if "dtype" in raw:
         raw["dtype"] = name
+    for part in ("text_config", "vision_config"):  # a VLM's parts record it too
+        if isinstance(raw.get(part), dict):
+            raw[part] = {**raw[part], **{k: name for k in ("torch_dtype", "dtype") if k in raw[part]}}
     return raw

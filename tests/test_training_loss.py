@@ -192,6 +192,21 @@ def test_chatml_labels_learn_each_answer_and_its_im_end(tmp_path):
     assert labels[after_first_answer + 1 :].count(IGNORE) > 0
 
 
+def test_llama3s_own_template_learns_each_answer_and_its_eot(tmp_path):
+    """The real Llama-3 tokenizer config's template, which writes an assistant header after the last
+    turn even without a generation prompt: the header is not part of the answer."""
+    folder = tiny_checkpoint("qwen2-text", tmp_path / "m", vocabulary=real_folder("llama3"))
+    processor = minivlm.load_processor(folder)
+    messages = [
+        {"role": "user", "content": "What color?"},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    out = conversation_inputs(processor, messages)
+    assert learned_tokens(processor, out) == ["Red", ".", "<|eot_id|>", "Yes", ".", "<|eot_id|>"]
+
+
 def test_a_boundary_inside_a_token_is_refused(tmp_path):
     folder = tiny_checkpoint("qwen2-text", tmp_path / "m", vocabulary=real_folder("qwen3"))
     # The answer glued to the prompt's last word: "Is it" + "sunny" tokenizes as "Is", " its", "unny".

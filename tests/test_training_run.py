@@ -250,6 +250,14 @@ def test_lora_saved_as_an_adapter_and_merged(task, tmp_path):
         ("adapter without lora", "--save-adapter saves LoRA weights"),
         ("output exists", "exists and is not an empty folder"),
         ("bad mode", "invalid choice"),
+        ("not an image", "is not an image Pillow can read"),
+        ("longer than the context", "the model's context holds 32,768"),
+        ("negative clipping", "max_grad_norm=-1.0: expected a positive finite number"),
+        ("infinite rate", "lr=inf: expected a positive finite number"),
+        ("unknown dtype", "--dtype: unknown dtype 'float13'"),
+        ("unknown device", "--device 'tpu'"),
+        ("state inside output", "is inside --output"),
+        ("eval without a split", "--eval-every needs held-out examples"),
     ],
 )
 def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expect):
@@ -265,14 +273,31 @@ def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expec
             dict(good, conversations=[{"from": "human", "value": "<image><image>"}, good["conversations"][1]])
         ],
         "no answer": [dict(good, conversations=good["conversations"][:1])],
-    }.get(problem, [good])
+        # the bad example last: it is found before the first step, not when it is drawn
+        "not an image": [good, good, dict(good, image="data.json")],
+        "longer than the context": [good, dict(good, conversations=[{"from": "human", "value": "<image>" + "word " * 33000},
+                                                                    good["conversations"][1]])],
+    }.get(problem, [good])  # fmt: skip
     path = tmp_path / "data.json"
     path.write_text("{oops" if problem == "not json" else json.dumps(bad))
     out = tmp_path / "out"
     if problem == "output exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    extra = ["--save-adapter"] if problem == "adapter without lora" else []
+    extra = {
+        "adapter without lora": ["--save-adapter"],
+        "negative clipping": ["--max-grad-norm", "-1"],
+        "infinite rate": ["--lr", "inf"],
+        "unknown dtype": ["--dtype", "float13"],
+        "unknown device": ["--device", "tpu"],
+        "state inside output": ["--save-every", "1", "--state-dir", out / "state"],
+        "eval without a split": ["--eval-every", "1"],
+    }.get(problem, [])
+    if problem == "not an image":
+        images = tmp_path  # data.json itself stands as the third example's image
+        path_images = ["images/0.png"]
+        (tmp_path / "images").mkdir()
+        (tmp_path / "images" / "0.png").write_bytes((Path(data).parent / path_images[0]).read_bytes())
     mode = "sideways" if problem == "bad mode" else "connector"
     args = ["--model", model, "--data", path, "--images", images, "--train", mode, "--output", out, *extra]
     if problem == "bad mode":
@@ -288,3 +313,26 @@ def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expec
 
 def test_the_question_matches_the_task():
     assert QUESTION.endswith("?") and len(COLORS) == 4
+
+
+def test_text_only_rows_train_beside_image_rows(task, tmp_path):
+    """A step whose rows are all text gives the connector no gradient (nothing trainable is in
+    their path): it is skipped, not an error; with rows of both kinds the batch is padded as one."""
+    model, data = task
+    rows = json.loads(Path(data).read_text())[:4]
+    text = [{"conversations": [{"from": "human", "value": "Say a colour."}, {"from": "gpt", "value": "blue"}]}] * 4
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(text + rows))
+    common = ["--model", model, "--data", mixed, "--images", Path(data).parent, "--max-steps", 4]
+    assert run(*common, "--train", "connector", "--batch-size", 2, "--output", tmp_path / "connector") == 0
+    assert run(*common, "--train", "lora", "--batch-size", 3, "--output", tmp_path / "lora") == 0
+
+
+def test_resuming_with_other_settings_is_refused(task, tmp_path, capsys):
+    model, data = task
+    common = ["--model", model, "--data", data, "--train", "connector", "--batch-size", 2, "--save-every", 1]
+    assert run(*common, "--max-steps", 1, "--output", tmp_path / "a", "--state-dir", tmp_path / "s") == 0
+    args = [*common, "--max-steps", 2, "--output", tmp_path / "b", "--resume", tmp_path / "s"]
+    assert run(*args) == 1
+    err = capsys.readouterr().err
+    assert "saved by a run with other settings {'max_steps': '1'}" in err and "Traceback" not in err, err

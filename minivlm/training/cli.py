@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..hub import resolve_checkpoint
 from ..load import load_model, load_processor, parse_dtype, read_family_config
 from ..saving import check_output
 from .data import read_llava_json, split
@@ -60,13 +61,65 @@ def add_parser(sub) -> None:
 
 
 def run_train(args) -> None:
+    config, lora, output = check_args(args)
+    device = train_device(args.device)
+    world = join_world(device)
+    finished = False
+    try:
+        source = resolve_checkpoint(args.model)
+        check_output(source, output, SaveError)  # before minutes of loading and training, not after
+        examples = read_llava_json(args.data, args.images)
+        train_set, eval_set = split(examples, args.eval_fraction, args.seed)
+        if args.eval_every and not eval_set:
+            raise TrainError("--eval-every needs held-out examples: give --eval-fraction too")
+        try:
+            dtype = parse_dtype(args.dtype)
+        except ValueError as e:
+            raise TrainError(f"--dtype: {e}") from None
+        model = load_model(source, dtype=dtype, device=device)
+        processor = load_processor(source)
+        if world.main:
+            print(
+                f"minivlm: training {args.train} on {len(train_set)} examples ({len(eval_set)} held out), "
+                f"{world.size} process(es)",
+                file=sys.stderr,
+            )
+        state = train(model, processor, train_set, config, eval_set, resume=args.resume)
+        if world.main:
+            log = {"training_log.jsonl": "".join(json.dumps(r) + "\n" for r in state.history)}
+            if args.save_adapter:
+                family, _, _ = read_family_config(source)
+                base = args.model if not Path(args.model).exists() else str(source.resolve())  # a hub id, or a path
+                save_adapter(model, lora, output, family.hf_decoder, base_model=base, extra=log)
+            else:
+                merge_lora(model)
+                save_checkpoint(model, source, output, extra=log)
+            last = state.history[-1] if state.history else {}
+            print(
+                f"minivlm: wrote {output} (step {state.step}, loss {last.get('loss', float('nan')):.4f})",
+                file=sys.stderr,
+            )
+        finished = True
+    finally:
+        if world.size > 1 and dist.is_initialized():
+            if finished:  # the others wait until rank 0 has written; after an error nobody waits
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def check_args(args) -> tuple[TrainConfig, LoraConfig, Path]:
+    """The settings, checked before any work: a TrainError (one line) for each bad one."""
     if args.save_adapter and args.train != "lora":
         raise TrainError("--save-adapter saves LoRA weights; it goes with --train lora")
+    if args.state_dir and not args.save_every:
+        raise TrainError("--state-dir is where --save-every writes: give --save-every N too")
     lora = LoraConfig(
         args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(t.strip() for t in args.lora_targets.split(","))
     )
     output = Path(args.output)
     state_dir = args.state_dir or (str(output) + ".state" if args.save_every else None)
+    if state_dir and Path(os.path.abspath(state_dir)).is_relative_to(os.path.abspath(output)):
+        raise TrainError(f"--state-dir {state_dir} is inside --output {output}, which must be a new folder")
     config = TrainConfig(
         train=args.train,
         max_steps=args.max_steps,
@@ -85,42 +138,20 @@ def run_train(args) -> None:
         seed=args.seed,
         lora=lora,
     )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:  # under torchrun: this process's own GPU
+    return config, lora, output
+
+
+def train_device(name: str | None) -> torch.device:
+    """--device, or CUDA when there is one; under torchrun each process takes its own GPU (LOCAL_RANK)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise TrainError(f"--device {name!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name!r}: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: this machine's torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    world = join_world(device)
-    try:
-        from ..hub import resolve_checkpoint
-
-        source = resolve_checkpoint(args.model)
-        check_output(source, output, SaveError)  # before minutes of loading and training, not after
-        examples = read_llava_json(args.data, args.images)
-        train_set, eval_set = split(examples, args.eval_fraction, args.seed)
-        model = load_model(source, dtype=parse_dtype(args.dtype), device=device)
-        processor = load_processor(source)
-        if world.main:
-            print(
-                f"minivlm: training {args.train} on {len(train_set)} examples ({len(eval_set)} held out), "
-                f"{world.size} process(es)",
-                file=sys.stderr,
-            )
-        state = train(model, processor, train_set, config, eval_set, resume=args.resume)
-        if world.main:
-            if args.save_adapter:
-                family, _, _ = read_family_config(source)
-                save_adapter(model, lora, output, family.hf_decoder, base_model=str(args.model))
-            else:
-                merge_lora(model)
-                save_checkpoint(model, source, output)
-            log = "".join(json.dumps(r) + "\n" for r in state.history)
-            (output / "training_log.jsonl").write_text(log, encoding="utf-8")
-            last = state.history[-1] if state.history else {}
-            print(
-                f"minivlm: wrote {output} (step {state.step}, loss {last.get('loss', float('nan')):.4f})",
-                file=sys.stderr,
-            )
-    finally:
-        if world.size > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    return device

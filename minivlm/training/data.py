@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .labels import IGNORE, LabelError, conversation_inputs, llava_messages
+from .labels import IGNORE, LabelError, check_conversation, conversation_inputs, llava_messages
 
 
 class DataError(ValueError):
@@ -65,7 +66,8 @@ def read_llava_json(path, images_dir=None, image_token: str = "<image>") -> list
         paths = tuple(images_dir / f for f in files)
         for p in paths:
             if not p.is_file():
-                raise DataError(f"{where}: image {p} does not exist (image paths are relative to {images_dir})")
+                what = "is not a file" if p.exists() else "does not exist"
+                raise DataError(f"{where}: image {p} {what} (image paths are relative to {images_dir})")
         examples.append(Example(messages, paths, where))
     return examples
 
@@ -82,14 +84,40 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def encode(processor, example: Example, eos_token: str | None = None) -> dict:
-    """One example -> its model inputs and labels (batch of 1); eos_token as labels.learned_pieces."""
+def encode(processor, example: Example, eos_token: str | None = None, max_length: int | None = None) -> dict:
+    """One example -> its model inputs and labels (batch of 1); eos_token and max_length as
+    labels.conversation_inputs."""
     try:
-        return conversation_inputs(processor, example.messages, list(example.images) or None, eos_token=eos_token)
-    except LabelError as e:
+        return conversation_inputs(
+            processor, example.messages, list(example.images) or None, eos_token=eos_token, max_length=max_length
+        )
+    except ValueError as e:  # LabelError, and the processor's errors (an unreadable image, a prompt too long)
         raise DataError(f"{example.where}: {e}") from None
-    except ValueError as e:  # the processor's errors (an unreadable image, a prompt too long) say what
-        raise DataError(f"{example.where}: {e}") from None
+
+
+def check_examples(
+    processor, examples: list[Example], eos_token: str | None = None, max_length: int | None = None
+) -> None:
+    """Every example's text (template, turns, token boundaries, length) and the headers of its
+    images, before any training: a bad example found at step 9,000 would cost the whole run. The
+    images are decoded when their example is drawn: a file whose data is cut short, or an example
+    whose image tokens take it past max_length, is found then."""
+    for example in examples:
+        try:
+            length = check_conversation(processor, example.messages, eos_token=eos_token)
+        except ValueError as e:
+            raise DataError(f"{example.where}: {e}") from None
+        if max_length is not None and length > max_length:
+            raise DataError(
+                f"{example.where}: {length:,} tokens before its images are counted; the model's context holds "
+                f"{max_length:,} (drop the example, or shorten it)"
+            )
+        for path in example.images:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's, for a bad file
+                raise DataError(f"{example.where}: {path} is not an image Pillow can read ({e})") from None
 
 
 def collate(items: list[dict], pad_id: int, rows_first: bool) -> dict:

@@ -68,19 +68,25 @@ def learned_pieces(processor, messages: list[dict], eos_token: str | None = None
         if message.get("role") != "assistant":
             continue
         before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
-        if not (through.startswith(before) and full.startswith(through)) or len(before) < done:
+        if not (through.startswith(before) and full.startswith(before)) or len(before) < done:
             raise LabelError(
                 f"the chat template does not render the conversation turn by turn (message {i}, the "
                 "assistant's): rendering it up to that turn is not a prefix of rendering it whole, so the "
                 "turn's text cannot be found"
             )
-        answer = through[len(before) :].rstrip()
-        if not answer:
+        answer, closed = _answer(through[len(before) :], message, closers)
+        if not answer.strip():
             raise LabelError(f"message {i}, the assistant's, renders as no text: nothing to learn")
+        if not full.startswith(answer, len(before)):
+            raise LabelError(
+                f"message {i}: the chat template renders the assistant's turn one way when it ends the "
+                "conversation and another way before a later turn (as templates that drop earlier turns' "
+                "reasoning do), so the turn's text cannot be found; train on conversations that end there"
+            )
         pieces.append((full[done : len(before)], False))
-        if any(answer.endswith(t) for t in closers):
+        done = len(before) + len(answer)
+        if closed:
             pieces.append((answer, True))
-            done = len(before) + len(answer)
         else:  # the template does not close the turn: LLaVA's "</s>" does, in place of the layout's space
             if eos is None:
                 raise LabelError(
@@ -88,9 +94,26 @@ def learned_pieces(processor, messages: list[dict], eos_token: str | None = None
                     "(pass eos_token=)"
                 )
             pieces.append((answer + eos, True))
-            done = len(through)
+            done += len(full[done:]) - len(full[done:].lstrip())
     pieces.append((full[done:], False))
     return [(text, learned) for text, learned in pieces if text]
+
+
+def _answer(rendered: str, message: dict, closers: list[str]) -> tuple[str, bool]:
+    """What the template added for the assistant's turn, cut after the first token that closes it
+    past the message's own text (a template may write the next turn's header after it), and whether
+    such a token was found; else without its trailing whitespace."""
+    text = rendered.rstrip()
+    content = message.get("content")
+    parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or [] if isinstance(p, dict)]
+    last = next((p.strip() for p in reversed(parts) if isinstance(p, str) and p.strip()), "")
+    at = text.find(last) if last else -1
+    start = at + len(last) if at >= 0 else 0
+    ends = [(text.find(t, start), -len(t)) for t in closers if text.find(t, start) >= 0]
+    if not ends:
+        return text, False
+    pos, minus_len = min(ends)  # the first; of two at one place, the longer
+    return text[: pos - minus_len], True
 
 
 def closing_tokens(processor) -> list[str]:
@@ -101,18 +124,55 @@ def closing_tokens(processor) -> list[str]:
 
 
 def conversation_inputs(
-    processor, messages: list[dict], images=None, add_special_tokens: bool = True, eos_token: str | None = None
+    processor,
+    messages: list[dict],
+    images=None,
+    add_special_tokens: bool = True,
+    eos_token: str | None = None,
+    max_length: int | None = None,
 ) -> dict:
     """One conversation -> the processor's model inputs (batch of 1) plus `labels` (1, seq): the
     token ids of the assistant's turns, IGNORE everywhere else (prompt, image tokens, template).
-    eos_token: as learned_pieces."""
+    eos_token: as learned_pieces; max_length: the most tokens the model takes (its context)."""
+    pieces = _pieces(processor, messages, eos_token)
+    expanded, pixels, replacements = processor.expand("".join(p for p, _ in pieces), images)
+    ids, labels = _label_ids(processor, pieces, expanded[0], replacements, add_special_tokens)
+    if max_length is not None and len(ids) > max_length:
+        raise LabelError(
+            f"the conversation is {len(ids):,} tokens long with its image tokens; the model's context holds "
+            f"{max_length:,} (drop the example, or shorten it)"
+        )
+    out = processor._pad([ids], "right")
+    out = {key: torch.as_tensor(np.asarray(v)) for key, v in {**out, **pixels}.items()}
+    out["labels"] = torch.tensor([labels])
+    return out
+
+
+def check_conversation(
+    processor, messages: list[dict], add_special_tokens: bool = True, eos_token: str | None = None
+) -> int:
+    """conversation_inputs' checks on the text alone, without reading an image (a whole data set is
+    checked so before training): the template, the turns, the token boundaries. Returns its token
+    count with one token per image (a lower bound of its length)."""
+    pieces = _pieces(processor, messages, eos_token)
+    text = "".join(p for p, _ in pieces)
+    token = processor.tokens.image_token
+    ids, _ = _label_ids(processor, pieces, text, [token] * text.count(token), add_special_tokens)
+    return len(ids)
+
+
+def _pieces(processor, messages: list[dict], eos_token: str | None) -> list[tuple[str, bool]]:
     try:
-        pieces = learned_pieces(processor, messages, eos_token)
+        return learned_pieces(processor, messages, eos_token)
     except ChatTemplateError as e:
         raise LabelError(f"the chat template refused the conversation: {e}") from None
-    text = "".join(p for p, _ in pieces)
-    expanded, pixels, replacements = processor.expand(text, images)
-    expanded = expanded[0]
+
+
+def _label_ids(
+    processor, pieces: list[tuple[str, bool]], expanded: str, replacements: list[str], add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """(the token ids of the expanded conversation, their labels): each learned piece's tokens are
+    found by the length of the tokens of the text before it."""
     # Where each piece starts in the expanded text: the image tokens before it grew by their replacements.
     token, starts, at, k = processor.tokens.image_token, [], 0, 0
     for piece, learned in pieces:
@@ -122,12 +182,11 @@ def conversation_inputs(
             raise LabelError(f"an assistant turn holds {n} {token!r}: images belong in the user's turns")
         at += len(piece) + sum(len(r) - len(token) for r in replacements[k : k + n])
         k += n
-    starts.append(len(expanded))
 
     tokenizer = processor.tokenizer
     ids = tokenizer.encode(expanded, add_special_tokens)
     bounds = []
-    for start in starts[1:-1]:
+    for start in starts[1:]:
         prefix = tokenizer.encode(expanded[:start], add_special_tokens)
         if tokenizer.suffix and add_special_tokens:
             prefix = prefix[: len(prefix) - len(tokenizer.suffix)]  # a post-processor's closing tokens
@@ -142,7 +201,4 @@ def conversation_inputs(
     for (_, learned), lo, hi in zip(pieces, bounds, bounds[1:]):
         if learned:
             labels[lo:hi] = ids[lo:hi]
-    out = processor._pad([ids], "right")
-    out = {key: torch.as_tensor(np.asarray(v)) for key, v in {**out, **pixels}.items()}
-    out["labels"] = torch.tensor([labels])
-    return out
+    return ids, labels

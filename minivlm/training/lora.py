@@ -128,25 +128,30 @@ def hf_module_name(name: str, hf_decoder: str) -> str:
     return re.sub(r"^(language_model\.model|model)\.layers\.", f"{hf_decoder}.layers.", name)
 
 
-def save_adapter(model: nn.Module, config: LoraConfig, output, hf_decoder: str, base_model: str = "") -> Path:
-    """Write the LoRA weights as PEFT does: adapter_model.safetensors and adapter_config.json.
+def save_adapter(
+    model: nn.Module, config: LoraConfig, output, hf_decoder: str, base_model: str = "", extra: dict | None = None
+) -> Path:
+    """Write the LoRA weights as PEFT does into the new folder `output`: adapter_model.safetensors
+    and adapter_config.json (and `extra`, file name -> text), whole or not at all.
 
     hf_decoder: transformers' module name of the decoder (load.Family.hf_decoder), so that PEFT
     finds each layer in transformers' model. target_modules is a regular expression that names
     exactly the decoder's projections (a plain list would also match the vision tower's q_proj)."""
     from safetensors.torch import save_file
 
+    from ..saving import write_folder
+
     layers = lora_layers(model)
     if not layers:
         raise LoraError("the model has no LoRA layers to save")
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise LoraError(f"{output} exists and is not an empty folder; choose a new one")
     tensors = {}
     for name, layer in layers.items():
         key = f"base_model.model.{hf_module_name(name, hf_decoder)}"
         tensors[f"{key}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
-    save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
     targets = "|".join(config.targets)
     adapter_config = {
         "peft_type": "LORA",
@@ -164,8 +169,12 @@ def save_adapter(model: nn.Module, config: LoraConfig, output, hf_decoder: str, 
         "inference_mode": True,
         "modules_to_save": None,
     }
-    (output / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    return output
+
+    def fill(folder: Path) -> None:
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+    return write_folder(output, fill, extra)
 
 
 def load_adapter(model: nn.Module, folder, hf_decoder: str) -> LoraConfig:

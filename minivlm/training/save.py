@@ -29,11 +29,11 @@ class SaveError(ValueError):
     """A model that cannot be saved in the hub layout, or an output that cannot be written."""
 
 
-def save_checkpoint(model: nn.Module, source, output) -> Path:
+def save_checkpoint(model: nn.Module, source, output, extra: dict | None = None) -> Path:
     """Write `model` (loaded from the checkpoint folder `source`, then trained) into the new folder
     `output`: config.json, safetensors in the source's key layout and dtype of the model, and the
     source's tokenizer, processor and template files. LoRA layers must be merged first (merge_lora),
-    or saved as an adapter (lora.save_adapter)."""
+    or saved as an adapter (lora.save_adapter). extra: file name -> text, written beside (a log)."""
     source, output = Path(source), Path(output)
     saving.check_output(source, output, SaveError)
     if lora_layers(model):
@@ -72,7 +72,7 @@ def save_checkpoint(model: nn.Module, source, output) -> Path:
     connector = getattr(getattr(model, "config", None), "connector", None)
     if connector is not None and connector != getattr(source_config, "connector", None):
         raw[CONNECTOR_KEY] = dataclasses.asdict(connector)
-    return saving.write_checkpoint(source, output, raw, tensors, SaveError)
+    return saving.write_checkpoint(source, output, raw, tensors, SaveError, extra)
 
 
 def _prefixes(hub_name: dict[str, str]) -> dict[str, str]:

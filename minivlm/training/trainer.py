@@ -2,7 +2,8 @@
 and decoder together, on one process or several (torchrun: data parallel over torch.distributed).
 
     from minivlm.training import TrainConfig, train
-    model = train(model, processor, train_examples, TrainConfig(train="connector", max_steps=300), eval_examples)
+    state = train(model, processor, train_examples, TrainConfig(train="connector", max_steps=300), eval_examples)
+    # `model` is trained in place; state.history holds every step's loss
 
 One optimizer step takes `batch_size x grad_accum x world_size` examples, in an order drawn from
 the seed. Every micro-batch's summed token loss is divided by the token count of the whole step
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..generation import defaults_of
-from .data import Example, collate, encode
+from .data import Example, check_examples, collate, encode
 from .labels import IGNORE
 from .lora import LoraConfig, apply_lora, lora_layers
 from .loss import loss_sum
@@ -76,12 +77,22 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TrainError(f"{name}={value!r}: expected a whole number of at least 1, or None")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainError(f"lr={self.lr!r}: expected a positive number")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainError(f"lr={self.lr!r}: expected a positive finite number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise TrainError(f"weight_decay={self.weight_decay!r}: expected a finite number of at least 0")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise TrainError(f"max_grad_norm={self.max_grad_norm!r}: expected a positive finite number, or None")
         if not 0 <= self.warmup < 1:
             raise TrainError(f"warmup={self.warmup!r}: expected a fraction of the steps in [0, 1)")
         if self.save_every is not None and self.state_dir is None:
             raise TrainError("save_every needs state_dir: where the state files go")
+
+    def run_fields(self) -> dict:
+        """What decides the run's order and arithmetic: a resumed run must have the same."""
+        fields = ("train", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup",
+                  "max_grad_norm", "seed", "lora")  # fmt: skip
+        return {f: repr(getattr(self, f)) for f in fields}
 
     @property
     def learning_rate(self) -> float:
@@ -163,7 +174,10 @@ def join_world(device: torch.device) -> World:
 
 def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:  # a rank that stopped: its own error is above, this one says so
+            raise TrainError(f"rank {world.rank}: another process stopped, so training cannot go on ({e})") from None
     return value
 
 
@@ -227,8 +241,10 @@ def train(
     warmup = round(config.warmup * total)
     state = State()
     if resume is not None:
-        state = load_state(resume, model, optimizer, names)
+        state = load_state(resume, model, optimizer, names, config, world)
     pad_id, eos = pad_token_id(processor), end_token(model, processor)
+    max_length = defaults_of(model).max_positions
+    check_examples(processor, [*examples, *eval_examples], eos, max_length)  # every example, before any step
     progress = Progress(total, enabled=config.log and world.main)
     model.train()
     try:
@@ -238,7 +254,8 @@ def train(
                 group["lr"] = rate
             micro = step_batches(examples, config, world, state.step, per_epoch)
             batches = [
-                collate([encode(processor, e, eos) for e in part], pad_id, processor.rows_first) for part in micro
+                collate([encode(processor, e, eos, max_length) for e in part], pad_id, processor.rows_first)
+                for part in micro
             ]
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
             count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
@@ -251,7 +268,8 @@ def train(
             for batch in batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     summed, _ = loss_sum(model, **batch)
-                (summed / count).backward()
+                if summed.requires_grad:  # text-only rows under "connector": nothing trainable in their path
+                    (summed / count).backward()
                 total_loss += summed.detach().double().cpu()
             for p in trainable:  # the gradient of the whole step's mean: summed over the ranks
                 if p.grad is None:
@@ -276,10 +294,15 @@ def train(
             state.history.append(record)
             progress.update(record)
             if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.main:
-                save_state(Path(config.state_dir) / f"step-{state.step}.pt", model, optimizer, names, state)
+                save_state(
+                    Path(config.state_dir) / f"step-{state.step}.pt", model, optimizer, names, state, config, world
+                )
     finally:
         progress.close()
         model.eval()
+    bad = [n for n in names if not bool(params[n].isfinite().all())]
+    if bad:
+        raise TrainError(f"training left non-finite weights in {bad[:3]}; lower the learning rate (nothing saved)")
     return state
 
 
@@ -292,7 +315,7 @@ def evaluate(model: nn.Module, processor, examples: list[Example], config: Train
     mine = examples[world.rank :: world.size]
     pad_id, eos = pad_token_id(processor), end_token(model, processor)
     for i in range(0, len(mine), config.batch_size):
-        items = [encode(processor, e, eos) for e in mine[i : i + config.batch_size]]
+        items = [encode(processor, e, eos, defaults_of(model).max_positions) for e in mine[i : i + config.batch_size]]
         batch = collate(items, pad_id, processor.rows_first)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             summed, n = loss_sum(model, **{k: v.to(device) for k, v in batch.items()})
@@ -324,12 +347,15 @@ def pad_token_id(processor) -> int:
 # Resumable state
 
 
-def save_state(path: Path, model: nn.Module, optimizer, names: list[str], state: State) -> None:
+def save_state(
+    path: Path, model: nn.Module, optimizer, names: list[str], state: State, config: TrainConfig, world: World
+) -> None:
     """The trainable weights, the optimizer, the RNG streams and the history, written whole or not
     at all (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     payload = {
+        "run": {**config.run_fields(), "world": world.size},
         "step": state.step,
         "history": state.history,
         "weights": {n: params[n].detach().cpu() for n in names},
@@ -343,7 +369,7 @@ def save_state(path: Path, model: nn.Module, optimizer, names: list[str], state:
     partial.replace(path)
 
 
-def load_state(path, model: nn.Module, optimizer, names: list[str]) -> State:
+def load_state(path, model: nn.Module, optimizer, names: list[str], config: TrainConfig, world: World) -> State:
     path = Path(path)
     if path.is_dir():  # a state folder: its latest step
         steps = sorted(path.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -351,12 +377,21 @@ def load_state(path, model: nn.Module, optimizer, names: list[str]) -> State:
             raise TrainError(f"{path}: no step-N.pt state file to resume from")
         path = steps[-1]
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data, no code
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
         raise TrainError(f"{path}: not a training state file ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or set(payload.get("weights", {})) != set(names):
         raise TrainError(f"{path}: its trainable weights are not this run's (another --train mode or model?)")
+    want = {**config.run_fields(), "world": world.size}
+    changed = [k for k in want if payload.get("run", {}).get(k) != want[k]]
+    if changed:
+        was = {k: payload.get("run", {}).get(k) for k in changed}
+        raise TrainError(f"{path}: saved by a run with other settings {was}; resume with the same ones")
     params = dict(model.named_parameters())
+    for n in names:
+        if params[n].shape != payload["weights"][n].shape:
+            have, want_shape = list(payload["weights"][n].shape), list(params[n].shape)
+            raise TrainError(f"{path}: {n} has shape {have}, this run's {want_shape}")
     with torch.no_grad():
         for n in names:
             params[n].copy_(payload["weights"][n])
