@@ -267,6 +267,7 @@ def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expec
         "image": "images/0.png",
         "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}],
     }
+    long_question = {"from": "human", "value": "<image>" + "word " * 33000}
     bad = {
         "missing image": [dict(good, image="nope.png")],
         "two tokens": [
@@ -275,9 +276,8 @@ def test_bad_input_ends_in_one_clear_line(task, tmp_path, capsys, problem, expec
         "no answer": [dict(good, conversations=good["conversations"][:1])],
         # the bad example last: it is found before the first step, not when it is drawn
         "not an image": [good, good, dict(good, image="data.json")],
-        "longer than the context": [good, dict(good, conversations=[{"from": "human", "value": "<image>" + "word " * 33000},
-                                                                    good["conversations"][1]])],
-    }.get(problem, [good])  # fmt: skip
+        "longer than the context": [good, dict(good, conversations=[long_question, good["conversations"][1]])],
+    }.get(problem, [good])
     path = tmp_path / "data.json"
     path.write_text("{oops" if problem == "not json" else json.dumps(bad))
     out = tmp_path / "out"
