@@ -3,6 +3,7 @@
 generate   answer a prompt about images, streamed to stdout
 chat       an interactive chat that keeps its KV cache between turns
 quantize   save a checkpoint quantized (int8 or int4)
+serve      an OpenAI-compatible chat-completions server (batching, a chat page at /)
 train      train the connector, LoRA or everything on LLaVA-format data (torchrun for several processes)
 download   fetch a hub checkpoint into weights/
 bench      benchmarks against transformers, in the same process
@@ -26,6 +27,8 @@ from .processing.image import ImageError
 from .processing.processor import ProcessorError
 from .processing.tokenizer import TokenizerError
 from .quant import QuantError
+from .serving import cli as serve_cli
+from .serving.requests import APIError
 from .training import DataError, LabelError, LoraError, SaveError, TrainError
 from .training import cli as train_cli
 
@@ -47,6 +50,7 @@ USER_ERRORS = (
     LoraError,
     SaveError,
     TrainError,
+    APIError,
 )
 
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parsers(sub)
     train_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     bench.add_parser(sub)
     parity.add_parser(sub)
     doctor.add_parser(sub)

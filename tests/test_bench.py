@@ -32,6 +32,12 @@ def test_bench_loader_runs_and_agrees_with_transformers():
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
 
 
+def test_bench_serve_runs():
+    port = str(20000 + os.getpid() % 20000)
+    out = bench("serve", "--clients", "2", "--new-tokens", "2", "--repeats", "1", "--port", port)
+    assert re.search(r"batched / sequential  \d+\.\d+x", out), out
+
+
 def test_bench_tokenizer_runs():
     out = bench("tokenizer", "--words", "3000", "--repeats", "1")
     assert "minivlm (exact)" in out and "speed-up" in out  # a vocabulary trained by tokenizers: one merge a token

@@ -21,6 +21,7 @@ import argparse
 from .generate import bench_generate
 from .loader import bench_loader
 from .quant import bench_quant
+from .serve import bench_serve
 from .timing import proc_status, time_call
 from .tokenizer import bench_tokenizer
 from .vlm import VLM_PRESETS, bench_vlm
@@ -90,6 +91,15 @@ def add_parser(sub) -> None:
     quant.add_argument("--window", type=positive_int, default=256, help="quality: tokens per scored window")
     quant.add_argument("--windows", type=positive_int, default=40, help="quality: at most this many windows")
     quant.set_defaults(run=bench_quant)
+    serve = which.add_parser("serve", help="the server's throughput: concurrent clients against one at a time")
+    serve.add_argument("--family", default="llava-interleave", help="a tiny checkpoint's family (bench.tiny)")
+    serve.add_argument("--model", help="a checkpoint folder instead of the tiny one")
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--clients", type=positive_int, default=8)
+    serve.add_argument("--new-tokens", type=positive_int, default=32)
+    serve.add_argument("--repeats", type=positive_int, default=3)
+    serve.add_argument("--port", type=positive_int, default=8123)
+    serve.set_defaults(run=bench_serve)
     tok = which.add_parser("tokenizer", help="encode speed against transformers' fast tokenizer")
     tok.add_argument("--kind", choices=["bpe", "sentencepiece"], default="bpe")
     tok.add_argument("--words", type=positive_int, default=1_000_000)

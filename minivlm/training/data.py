@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .labels import IGNORE, LabelError, check_conversation, conversation_inputs, llava_messages
+from ..processing.batching import collate
+from .labels import LabelError, check_conversation, conversation_inputs, llava_messages
+
+__all__ = ["DataError", "Example", "check_examples", "collate", "encode", "read_llava_json", "split"]
 
 
 class DataError(ValueError):
@@ -118,35 +120,3 @@ def check_examples(
                     image.verify()
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's, for a bad file
                 raise DataError(f"{example.where}: {path} is not an image Pillow can read ({e})") from None
-
-
-def collate(items: list[dict], pad_id: int, rows_first: bool) -> dict:
-    """Encoded examples -> one batch: token rows padded on the right (attention 0, label IGNORE),
-    pixel inputs concatenated, each padded with zeros to the largest in every dimension but the
-    first (NeXT's tile counts, Idefics3's image counts and canvases, llama3v's slices: zeros are
-    what their processors pad with). rows_first: the pixel inputs are (rows, images, ...), so a
-    row without images gets all-zero ones, which the model skips."""
-    width = max(item["input_ids"].shape[1] for item in items)
-    batch = {
-        "input_ids": torch.cat(
-            [F.pad(it["input_ids"], (0, width - it["input_ids"].shape[1]), value=pad_id) for it in items]
-        ),
-        "attention_mask": torch.cat(
-            [F.pad(it["attention_mask"], (0, width - it["attention_mask"].shape[1])) for it in items]
-        ),
-        "labels": torch.cat([F.pad(it["labels"], (0, width - it["labels"].shape[1]), value=IGNORE) for it in items]),
-    }
-    keys = sorted({k for it in items for k in it} - set(batch))
-    for key in keys:
-        parts = [it[key] for it in items if key in it]
-        shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
-        padded = []
-        for it in items:
-            if key in it:
-                t = it[key]
-                pads = [x for d in reversed(range(1, t.dim())) for x in (0, shape[d] - t.shape[d])]
-                padded.append(F.pad(t, pads))
-            elif rows_first:  # a text-only row among rows with images: all-zero images are padding
-                padded.append(parts[0].new_zeros(1, *shape[1:]))
-        batch[key] = torch.cat(padded)
-    return batch

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..processing.batching import IGNORE  # the label of a token the loss skips (torch's ignore_index)
 from ..processing.chat import ChatTemplateError
 
-IGNORE = -100  # the label of a token the loss skips (transformers' and torch's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
