@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import socket
 import threading
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
@@ -28,7 +30,7 @@ import minivlm
 from minivlm.__main__ import main
 from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.serving.app import build_app, model_inputs
-from minivlm.serving.engine import Engine
+from minivlm.serving.engine import Engine, Job
 from minivlm.serving.requests import APIError, parse_request
 
 openai = pytest.importorskip("openai")  # the test extra installs it
@@ -158,6 +160,12 @@ def test_concurrent_clients_get_their_own_answers(server):
         ({"model": "tiny", "messages": []}, 400, "messages"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}, 400, None),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+         "tools"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, status, param):
@@ -174,6 +182,42 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, sta
     good = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": message("hi", None),
                       "max_tokens": 2, "temperature": 0}, timeout=120)  # fmt: skip
     assert good.status_code == 200, good.text
+
+
+def test_a_client_that_stops_waiting_frees_the_worker(server):
+    """A non-streamed request whose client hangs up is dropped within about a second: the next
+    request does not wait for the 20,000 tokens nobody will read (a minute or more here)."""
+    url, _ = server
+    body = {"model": "tiny", "messages": message("Go on.", None), "max_tokens": 20000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.5)
+    start = time.monotonic()
+    reply = client(url).chat.completions.create(model="tiny", messages=message("hi", None), max_tokens=2)
+    assert reply.usage.completion_tokens >= 1 and time.monotonic() - start < 15
+
+
+def test_a_wrong_method_is_an_invalid_request(server):
+    url, _ = server
+    response = httpx.get(f"{url}/v1/chat/completions", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_batches_keep_to_the_context_and_seeds_run_alone(checkpoint):
+    """A row is never cut short by a longer prompt beside it (it waits for the next batch instead),
+    and a seeded sampled request is batched with nothing, so its seed means what it says alone."""
+    model, processor = minivlm.load_model(checkpoint), minivlm.load_processor(checkpoint)
+    engine = Engine(model, processor)
+    engine.defaults = dataclasses.replace(engine.defaults, max_positions=100)
+
+    def job(prompt: int, max_tokens: int, **sampling):
+        request = parse_request({"messages": [{"role": "user", "content": "hi"}], **sampling}, "tiny")
+        inputs = {"input_ids": torch.zeros(1, prompt, dtype=torch.long)}
+        return Job(request, inputs, None, None, max_tokens)
+
+    assert engine._fits([job(90, 10), job(5, 10)]) and not engine._fits([job(90, 10), job(5, 80)])
+    assert job(5, 10, temperature=1, seed=3).key() != job(5, 10, temperature=1, seed=3).key()
+    assert job(5, 10, temperature=1).key() == job(5, 10, temperature=1).key()
+    assert job(5, 10, temperature=0).key() == job(7, 20, temperature=0, seed=9).key()  # greedy: the seed is moot
 
 
 def test_a_client_killed_mid_stream_leaves_the_server_serving(server):
@@ -212,8 +256,8 @@ def test_typed_special_tokens_are_text(checkpoint):
     ids = model_inputs(processor, chat, 8)["input_ids"][0].tolist()
     assert processor.tokenizer.token_to_id["<|im_end|>"] not in ids
     with pytest.raises(APIError, match="local paths"):
-        parse_request({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/x"}}]}]},
-                      "tiny")  # fmt: skip
+        image = {"type": "image_url", "image_url": {"url": "/etc/x"}}
+        parse_request({"messages": [{"role": "user", "content": [image]}]}, "tiny")
 
 
 def test_the_page_health_and_models(server):

@@ -62,13 +62,20 @@ def bench_serve(args: argparse.Namespace) -> None:
     bodies = [
         {
             "model": "bench",
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(i)}},
-                                                      {"type": "text", "text": f"Describe picture {i}."}]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _image_url(i)}},
+                        {"type": "text", "text": f"Describe picture {i}."},
+                    ],
+                }
+            ],
             "max_tokens": args.new_tokens,
             "temperature": 0,
         }
         for i in range(args.clients)
-    ]  # fmt: skip
+    ]
 
     def run(concurrent: bool) -> tuple[float, int]:
         start = time.perf_counter()
@@ -91,8 +98,10 @@ def bench_serve(args: argparse.Namespace) -> None:
     def fig(xs):
         return f"{statistics.median(xs):.1f} [{min(xs):.1f}-{max(xs):.1f}]"
 
-    print(f"serve: {folder.name}, {args.clients} clients x {args.new_tokens} new tokens, {args.dtype or 'checkpoint'} "
-          f"dtype, {args.repeats} runs each, {engine.rows} rows in {engine.batches} batches")  # fmt: skip
+    print(
+        f"serve: {folder.name}, {args.clients} clients x {args.new_tokens} new tokens, {args.dtype or 'checkpoint'} "
+        f"dtype, {args.repeats} runs each, {engine.rows} rows in {engine.batches} batches"
+    )
     print(f"  one after another  {fig(sequential)} tokens/s")
     print(f"  {args.clients} at once          {fig(concurrent)} tokens/s")
     print(f"  batched / sequential  {statistics.median(ratios):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]")

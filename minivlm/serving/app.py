@@ -38,8 +38,9 @@ def model_inputs(processor, request: ChatRequest, max_images: int) -> dict:
     """The request's messages in the checkpoint's chat template, tokenized with the user's text as
     text (a special token typed in a message is not a control token), images expanded."""
     if len(request.images) > max_images:
-        raise APIError(400, f"{len(request.images)} images; this server takes at most {max_images} per request",
-                       "messages")  # fmt: skip
+        raise APIError(
+            400, f"{len(request.images)} images; this server takes at most {max_images} per request", "messages"
+        )
     if request.images and processor.family is None:
         raise APIError(400, "this model is text-only; it takes no images", "messages")
     try:
@@ -47,8 +48,8 @@ def model_inputs(processor, request: ChatRequest, max_images: int) -> dict:
             raise APIError(400, "the checkpoint ships no chat template, so it takes no chat messages", "messages")
         _, segments = render_segments(processor, request.messages)
         inputs = tokenize_segments(processor, segments, request.images, first=True)
-    except (ChatTemplateError, ProcessorError, ImageError, GenerationError) as e:
-        raise APIError(400, str(e), "messages") from None
+    except (ChatTemplateError, ProcessorError, ImageError, GenerationError, ValueError) as e:
+        raise APIError(400, str(e), "messages") from None  # ValueError: the tokenizer's (a lone surrogate)
     return inputs
 
 
@@ -75,14 +76,18 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
         return await answer(request, job, ident)
 
     async def answer(request: Request, job: Job, ident: str):
-        pieces = []
+        pieces, checked = [], time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), POLL_SECONDS)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= POLL_SECONDS:  # text may arrive every few ms: look anyway
+                checked = time.monotonic()
                 if await request.is_disconnected():
-                    job.cancelled = True
+                    job.cancelled = True  # its row is dropped at the next step
                     return JSONResponse({}, status_code=499)
+            if event is None:
                 continue
             if event[0] == "text":
                 pieces.append(event[1])
@@ -104,8 +109,14 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
 
     async def events(job: Job, ident: str):
         def chunk(delta: dict, reason=None, **extra) -> str:
-            body = {"id": ident, "object": "chat.completion.chunk", "created": int(job.created), "model": served_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}  # fmt: skip
+            body = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": int(job.created),
+                "model": served_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
+                **extra,
+            }
             return f"data: {json.dumps(body)}\n\n"
 
         try:
@@ -121,8 +132,14 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
                     _, reason, completion = event
                     yield chunk({}, reason)
                     if job.request.include_usage:
-                        body = {"id": ident, "object": "chat.completion.chunk", "created": int(job.created),
-                                "model": served_name, "choices": [], "usage": usage(job, completion)}  # fmt: skip
+                        body = {
+                            "id": ident,
+                            "object": "chat.completion.chunk",
+                            "created": int(job.created),
+                            "model": served_name,
+                            "choices": [],
+                            "usage": usage(job, completion),
+                        }
                         yield f"data: {json.dumps(body)}\n\n"
                     break
             yield "data: [DONE]\n\n"
@@ -152,8 +169,11 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
 
 
 def usage(job: Job, completion: int) -> dict:
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": job.prompt_tokens + completion}  # fmt: skip
+    return {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": job.prompt_tokens + completion,
+    }
 
 
 def error(e: APIError) -> JSONResponse:

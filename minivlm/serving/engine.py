@@ -55,7 +55,9 @@ class Job:
         r = self.request
         if r.temperature == 0:
             return ("greedy",)
-        return ("sample", r.temperature, r.top_p, r.seed if r.seed is not None else id(self))
+        if r.seed is not None:  # alone: a seed gives the answer it gives alone, batched beside nothing
+            return ("seeded", id(self))
+        return ("sample", r.temperature, r.top_p)
 
 
 class Engine:
@@ -138,9 +140,16 @@ class Engine:
                     job = self.queue.get(timeout=max(0.0, min(self.gather, limit - time.monotonic())))
                 except queue.Empty:
                     break
-            (batch if job.key() == first.key() else others).append(job)
+            fits = self._fits([*batch, job])
+            (batch if job.key() == first.key() and fits else others).append(job)
         self._held = others + self._held
         return batch
+
+    def _fits(self, jobs: list[Job]) -> bool:
+        """Whether the rows fit the context together: the batch is as long as its longest prompt,
+        and every row gets the decode steps of the longest answer asked for."""
+        context = self.defaults.max_positions
+        return context is None or max(j.prompt_tokens for j in jobs) + max(j.max_tokens for j in jobs) <= context
 
     def _generate(self, jobs: list[Job]) -> None:
         tokenizer = self.processor.tokenizer

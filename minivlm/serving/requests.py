@@ -7,8 +7,8 @@ The shapes are OpenAI's (https://platform.openai.com/docs/api-reference/chat/cre
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,...."}}]}],
      "max_tokens" | "max_completion_tokens": N, "temperature": T, "top_p": P, "stop": "s" | ["s", ...],
      "seed": S, "n": 1, "stream": bool, "stream_options": {"include_usage": bool}}
-Fields minivlm does not act on (user, logprobs false, ...) are accepted and ignored when they
-would change nothing, and refused when they would.
+Fields minivlm does not act on are ignored when they would change nothing (user, metadata,
+logprobs false, ...) and refused by name when they would (tools, response_format json, logit_bias).
 """
 
 from __future__ import annotations
@@ -23,8 +23,22 @@ from ..processing.image import ImageError, load_image
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # OpenAI's bound on stop strings
-IGNORED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n",
-           "stream", "stream_options", "user", "logprobs", "frequency_penalty", "presence_penalty"}  # fmt: skip
+# field -> the values that change nothing (anything else is refused: the answer would not be what was asked)
+UNSUPPORTED = {
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "top_logprobs": (None, 0),
+    "logprobs": (None, False),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+}
 
 
 class APIError(Exception):
@@ -36,9 +50,9 @@ class APIError(Exception):
 
     @property
     def kind(self) -> str:
-        return {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
-            self.status, "server_error"
-        )
+        if self.status == 429:
+            return "rate_limit_error"
+        return "invalid_request_error" if 400 <= self.status < 500 else "server_error"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -62,15 +76,17 @@ def parse_request(body, served_name: str, allow_local_images: bool = False) -> C
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     if body.get("model") not in (served_name, None):
-        raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {served_name!r}",
-                       "model", "model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"the model {body.get('model')!r} does not exist; this server has {served_name!r}",
+            "model",
+            "model_not_found",
+        )
     if body.get("n", 1) != 1:
         raise APIError(400, f"n={body.get('n')!r}: this server answers n=1 only", "n")
-    if body.get("logprobs"):
-        raise APIError(400, "logprobs are not supported", "logprobs")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported (give 0 or leave it out)", name)
+    for name, harmless in UNSUPPORTED.items():
+        if body.get(name) not in harmless:
+            raise APIError(400, f"{name}={body.get(name)!r} is not supported by this server (leave it out)", name)
     request = ChatRequest(messages=[])
     request.max_tokens = _max_tokens(body)
     request.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -80,9 +96,16 @@ def parse_request(body, served_name: str, allow_local_images: bool = False) -> C
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise APIError(400, f"seed={seed!r}: expected a whole number from 0 to 2**63 - 1", "seed")
     request.seed = seed
-    request.stream = body.get("stream", False) is True
-    options = body.get("stream_options") or {}
-    request.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    for name in ("stream",):
+        if body.get(name) not in (None, True, False):
+            raise APIError(400, f"{name}={body.get(name)!r}: expected true or false", name)
+    request.stream = body.get("stream") is True
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict) or options.get("include_usage") not in (None, True, False)
+    ):
+        raise APIError(400, "stream_options: expected {'include_usage': true or false}", "stream_options")
+    request.include_usage = bool(options and options.get("include_usage"))
     request.messages, request.images = _messages(body.get("messages"), allow_local_images)
     return request
 
@@ -113,7 +136,18 @@ def _stop(stop) -> list[str]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise APIError(400, f"stop: expected a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    for s in stops:
+        if not _utf8(s):
+            raise APIError(400, "stop: a string holds a lone surrogate, which is no character", "stop")
     return stops
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _messages(messages, allow_local_images: bool) -> tuple[list[dict], list]:
