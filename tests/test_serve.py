@@ -15,12 +15,16 @@ import asyncio
 import base64
 import dataclasses
 import io
+import os
+import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import matplotlib
 import pytest
 import torch
 import uvicorn
@@ -268,3 +272,41 @@ def test_the_page_health_and_models(server):
     assert [m.id for m in client(url).models.list().data] == ["tiny"]
     missing = httpx.get(f"{url}/v2/nothing", timeout=30)
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def browser_or_skip():
+    """Playwright (the test extra) driving the system's Chromium (Debian's `chromium` package)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the chat page's browser test needs playwright (pip install playwright)")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("the chat page's browser test needs Chromium: apt-get install chromium (none is installed here)")
+    return sync_playwright, executable
+
+
+def test_the_chat_page_streams_an_answer_about_a_photo(server, tmp_path):
+    """Headless Chromium opens the page, attaches a real photo, sends a question, and the answer
+    streams into the page; the screenshot is kept beside the test's files."""
+    sync_playwright, executable = browser_or_skip()
+    url, _ = server
+    photo_file = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(url)
+        page.set_input_files("#file", str(photo_file))
+        page.wait_for_selector("#preview[src^='data:image/']", state="visible")
+        page.fill("#text", "Who is in the photo?")
+        page.click("#send")
+        page.wait_for_selector("body[data-turns='1']", timeout=120_000)
+        answer = page.inner_text(".turn.assistant")
+        failed = page.eval_on_selector(".turn.assistant span", "e => e.classList.contains('error')")
+        shot = Path(os.environ.get("MINIVLM_SCREENSHOT", tmp_path / "chat.png"))
+        page.screenshot(path=str(shot))
+        user_image = page.get_attribute(".turn.user img", "src")
+        browser.close()
+    assert answer.strip() and not failed  # text arrived, and no error was shown
+    assert user_image.startswith("data:image/jpeg;base64,")
+    assert shot.stat().st_size > 10_000 and Image.open(shot).size == (900, 700)
