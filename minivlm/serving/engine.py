@@ -42,13 +42,15 @@ class Job:
     decoder: StreamDecoder | None = None
     matcher: StopText | None = None
     created: float = field(default_factory=time.time)
+    outbox: list = field(default_factory=list)  # events not yet handed to the event loop
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
     def send(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Queue an event; `deliver` hands it to the client's event loop (once per decode step)."""
+        self.outbox.append(event)
 
     def key(self) -> tuple:
         """Requests with equal keys may share a batch."""
@@ -58,6 +60,25 @@ class Job:
         if r.seed is not None:  # alone: a seed gives the answer it gives alone, batched beside nothing
             return ("seeded", id(self))
         return ("sample", r.temperature, r.top_p)
+
+
+def deliver(jobs: list[Job]) -> None:
+    """Hand every job's queued events to its event loop: one wake-up of each loop per call (per
+    decode step), not one per token and row; waking the loop costs a system call, and the loop's
+    thread competes with this one for the interpreter."""
+    by_loop: dict = {}
+    for job in jobs:
+        if job.outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, job.outbox))
+            job.outbox = []
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for events, outbox in items:
+        for event in outbox:
+            events.put_nowait(event)
 
 
 class Engine:
@@ -118,6 +139,8 @@ class Engine:
                 for j in jobs:
                     if not j.finished:
                         j.send("error", err)
+            finally:
+                deliver(jobs)
 
     def _alone(self, job: Job) -> None:
         try:
@@ -125,6 +148,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             if not job.finished:
                 job.send("error", e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}"))
+        finally:
+            deliver([job])
 
     def _next_batch(self) -> list[Job]:
         first = self._held.pop(0) if self._held else self.queue.get()
@@ -191,6 +216,7 @@ class Engine:
                             j.send("done", "stop", j.count)
                         elif j.count >= j.max_tokens:
                             self._finish(j, "length")
+                    deliver(jobs)
                     if all(j.finished for j in jobs):
                         break
         finally:
