@@ -135,7 +135,7 @@ def test_same_seed_same_run_and_resuming_is_bit_identical(task, tmp_path):
     m, p = minivlm.load_model(model), minivlm.load_processor(model)
     lora = dataclasses.replace(TrainConfig().lora, rank=2, dropout=0.1)
     config = TrainConfig(train="lora", lr=1e-3, max_steps=4, batch_size=2, lora=lora, log=False)
-    state = train(m, p, read_llava_json(data)[:24], config, resume=tmp_path / "state" / "step-2.pt")
+    state = train(m, p, read_llava_json(data)[:24], config, resume=tmp_path / "state" / "step-2.safetensors")
     assert state.history == log1
     resumed = dict(m.named_parameters())
     assert all(torch.equal(first[n], resumed[n]) for n in first)
@@ -336,3 +336,8 @@ def test_resuming_with_other_settings_is_refused(task, tmp_path, capsys):
     assert run(*args) == 1
     err = capsys.readouterr().err
     assert "saved by a run with other settings {'max_steps': '1'}" in err and "Traceback" not in err, err
+    cut = tmp_path / "cut.safetensors"  # a state file cut short: named, one line
+    cut.write_bytes((tmp_path / "s" / "step-1.safetensors").read_bytes()[:100])
+    assert run(*common, "--max-steps", 1, "--output", tmp_path / "c", "--resume", cut) == 1
+    err = capsys.readouterr().err
+    assert "not a training state file" in err and "Traceback" not in err, err

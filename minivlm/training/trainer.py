@@ -19,6 +19,7 @@ same machine and thread count.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -295,7 +296,7 @@ def train(
             progress.update(record)
             if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.main:
                 save_state(
-                    Path(config.state_dir) / f"step-{state.step}.pt", model, optimizer, names, state, config, world
+                    Path(config.state_dir) / f"step-{state.step}.safetensors", model, optimizer, names, state, config, world
                 )
     finally:
         progress.close()
@@ -350,57 +351,86 @@ def pad_token_id(processor) -> int:
 def save_state(
     path: Path, model: nn.Module, optimizer, names: list[str], state: State, config: TrainConfig, world: World
 ) -> None:
-    """The trainable weights, the optimizer, the RNG streams and the history, written whole or not
-    at all (a temporary file renamed into place)."""
+    """The trainable weights, the optimizer, the RNG streams and the history in one safetensors
+    file (tensors as tensors, the rest as JSON in its metadata: nothing is pickled), written whole
+    or not at all (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
-    payload = {
+    tensors = {f"weights.{n}": params[n].detach().cpu().contiguous() for n in names}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    optim = optimizer.state_dict()
+    scalars = {}
+    for index, entries in optim["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    meta = {
         "run": {**config.run_fields(), "world": world.size},
         "step": state.step,
         "history": state.history,
-        "weights": {n: params[n].detach().cpu() for n in names},
-        "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "param_groups": optim["param_groups"],
+        "optimizer_scalars": scalars,
+        "python_rng": random.getstate(),
     }
-    if torch.cuda.is_available():
-        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     partial = path.with_name(f".{path.name}.partial")
-    torch.save(payload, partial)
+    save_file(tensors, str(partial), metadata={"minivlm_state": json.dumps(meta)})
     partial.replace(path)
 
 
 def load_state(path, model: nn.Module, optimizer, names: list[str], config: TrainConfig, world: World) -> State:
+    """A state file of save_state (or a folder of them: its latest step) put back into the model,
+    the optimizer and the RNG streams; the State to go on from."""
+    from safetensors import safe_open
+
     path = Path(path)
     if path.is_dir():  # a state folder: its latest step
-        steps = sorted(path.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        steps = sorted(path.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
         if not steps:
-            raise TrainError(f"{path}: no step-N.pt state file to resume from")
+            raise TrainError(f"{path}: no step-N.safetensors state file to resume from")
         path = steps[-1]
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data, no code
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["minivlm_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
         raise TrainError(f"{path}: not a training state file ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or set(payload.get("weights", {})) != set(names):
+    weights = {k.removeprefix("weights."): t for k, t in tensors.items() if k.startswith("weights.")}
+    if set(weights) != set(names):
         raise TrainError(f"{path}: its trainable weights are not this run's (another --train mode or model?)")
     want = {**config.run_fields(), "world": world.size}
-    changed = [k for k in want if payload.get("run", {}).get(k) != want[k]]
+    changed = [k for k in want if meta.get("run", {}).get(k) != want[k]]
     if changed:
-        was = {k: payload.get("run", {}).get(k) for k in changed}
+        was = {k: meta.get("run", {}).get(k) for k in changed}
         raise TrainError(f"{path}: saved by a run with other settings {was}; resume with the same ones")
     params = dict(model.named_parameters())
     for n in names:
-        if params[n].shape != payload["weights"][n].shape:
-            have, want_shape = list(payload["weights"][n].shape), list(params[n].shape)
-            raise TrainError(f"{path}: {n} has shape {have}, this run's {want_shape}")
+        if params[n].shape != weights[n].shape:
+            raise TrainError(f"{path}: {n} has shape {list(weights[n].shape)}, this run's {list(params[n].shape)}")
     with torch.no_grad():
         for n in names:
-            params[n].copy_(payload["weights"][n])
-    optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    random.setstate(payload["rng"]["python"])
-    if "cuda" in payload["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return State(payload["step"], list(payload["history"]))
+            params[n].copy_(weights[n])
+    optim_state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[name] = t
+    for key, value in meta["optimizer_scalars"].items():
+        index, name = key.split(".", 1)
+        optim_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return State(meta["step"], list(meta["history"]))
 
 
 # ---------------------------------------------------------------------------------------------
