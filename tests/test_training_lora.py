@@ -104,3 +104,25 @@ def test_lora_refuses_what_it_cannot_do(tmp_path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(LoraError, match="adapter_config.json"):
         load_adapter(minivlm.load_model(tmp_path / "base"), tmp_path / "bad", "model")
+
+
+def test_an_adapter_peft_itself_wrote_loads_into_minivlm(tmp_path):
+    """An adapter made by someone else's code: peft's get_peft_model + save_pretrained on
+    transformers' model, with random B matrices; minivlm reads it and gives peft's logits."""
+    hf = build_text_model("llama3")
+    folder = save_checkpoint(hf, tmp_path / "base", layout="hub")
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = wrapped(input_ids=ids).logits
+    ours = minivlm.load_model(folder, kernels="off")
+    config = load_adapter(ours, tmp_path / "adapter", "model")
+    assert config.targets == ("q_proj", "v_proj") and config.rank == 4
+    with torch.no_grad():
+        assert rel(ours(ids), theirs) <= TOL
