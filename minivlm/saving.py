@@ -22,9 +22,15 @@ WEIGHT_FILES = ("model.safetensors.index.json",)  # with every *.safetensors: ne
 
 def check_output(source, output, error: type[Exception]) -> None:
     """Before any work: the source is a checkpoint folder, and the output a new or empty folder."""
-    source, output = Path(source), Path(output)
+    source = Path(source)
     if not (source / "config.json").is_file():
         raise error(f"{source}: no config.json; expected the checkpoint folder the model was loaded from")
+    check_new_folder(output, error)
+
+
+def check_new_folder(output, error: type[Exception]) -> None:
+    """`output` is a new or empty folder that can be made where it is named."""
+    output = Path(output)
     if output.is_symlink() or (output.exists() and (not output.is_dir() or any(output.iterdir()))):
         raise error(f"{output} exists and is not an empty folder; choose a new one")
     parent = Path(os.path.abspath(output)).parent

@@ -120,36 +120,27 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            jobs = self._next_batch()
-            jobs = [j for j in jobs if not j.cancelled]
-            if not jobs:
-                continue
-            try:
-                self._generate(jobs)
-            except APIError as e:
-                for j in jobs:
-                    if not j.finished:
-                        j.send("error", e)
-            except Exception as e:  # noqa: BLE001 (the worker must outlive any one batch)
-                if len(jobs) > 1:  # one row's problem (a context the padding overran): each alone
-                    for j in jobs:
-                        self._alone(j)
-                    continue
-                err = APIError(500, f"generation failed: {type(e).__name__}: {e}")
-                for j in jobs:
-                    if not j.finished:
-                        j.send("error", err)
-            finally:
-                deliver(jobs)
+            jobs = [j for j in self._next_batch() if not j.cancelled]
+            if jobs:
+                self._attempt(jobs)
 
-    def _alone(self, job: Job) -> None:
+    def _attempt(self, jobs: list[Job]) -> None:
+        """Generate for the jobs; the worker outlives any failure. A batch that fails for a reason
+        other than the request's (an APIError) is tried again row by row, so one row's problem
+        reaches that row only; a row that fails alone gets the error."""
         try:
-            self._generate([job])
+            self._generate(jobs)
         except Exception as e:  # noqa: BLE001
-            if not job.finished:
-                job.send("error", e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}"))
+            if len(jobs) > 1 and not isinstance(e, APIError):
+                for j in jobs:
+                    self._attempt([j])
+                return
+            err = e if isinstance(e, APIError) else APIError(500, f"generation failed: {type(e).__name__}: {e}")
+            for j in jobs:
+                if not j.finished:
+                    j.send("error", err)
         finally:
-            deliver([job])
+            deliver(jobs)
 
     def _next_batch(self) -> list[Job]:
         first = self._held.pop(0) if self._held else self.queue.get()

@@ -139,14 +139,13 @@ def save_adapter(
     exactly the decoder's projections (a plain list would also match the vision tower's q_proj)."""
     from safetensors.torch import save_file
 
-    from ..saving import write_folder
+    from ..saving import check_new_folder, write_folder
 
     layers = lora_layers(model)
     if not layers:
         raise LoraError("the model has no LoRA layers to save")
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise LoraError(f"{output} exists and is not an empty folder; choose a new one")
+    check_new_folder(output, LoraError)
     tensors = {}
     for name, layer in layers.items():
         key = f"base_model.model.{hf_module_name(name, hf_decoder)}"

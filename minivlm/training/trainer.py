@@ -296,7 +296,13 @@ def train(
             progress.update(record)
             if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.main:
                 save_state(
-                    Path(config.state_dir) / f"step-{state.step}.safetensors", model, optimizer, names, state, config, world
+                    Path(config.state_dir) / f"step-{state.step}.safetensors",
+                    model,
+                    optimizer,
+                    names,
+                    state,
+                    config,
+                    world,
                 )
     finally:
         progress.close()
@@ -314,9 +320,9 @@ def evaluate(model: nn.Module, processor, examples: list[Example], config: Train
     device = next(model.parameters()).device
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = examples[world.rank :: world.size]
-    pad_id, eos = pad_token_id(processor), end_token(model, processor)
+    pad_id, eos, max_length = pad_token_id(processor), end_token(model, processor), defaults_of(model).max_positions
     for i in range(0, len(mine), config.batch_size):
-        items = [encode(processor, e, eos, defaults_of(model).max_positions) for e in mine[i : i + config.batch_size]]
+        items = [encode(processor, e, eos, max_length) for e in mine[i : i + config.batch_size]]
         batch = collate(items, pad_id, processor.rows_first)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             summed, n = loss_sum(model, **{k: v.to(device) for k, v in batch.items()})
