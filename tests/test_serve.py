@@ -3,7 +3,8 @@ checkpoint (729 image tokens per image, random weights):
 
 - greedy answers equal `python -m minivlm generate`'s, streamed and not, with the usage counts;
 - 8 concurrent clients, each with its own image and prompt, get the answers they get alone, and
-  the engine ran them in shared batches;
+  the engine ran them in shared batches; requests that arrive while a long answer runs join its
+  batch, and all get their answers alone;
 - each bad request answers its status with OpenAI's JSON error, and the next good request works;
 - a client killed mid-stream leaves the server serving; a full queue answers 429;
 - the chat page, /health and /v1/models answer.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import io
+import json
 import os
 import shutil
 import socket
@@ -34,6 +35,7 @@ import minivlm
 from minivlm.__main__ import main
 from minivlm.bench.tiny import tiny_checkpoint
 from minivlm.serving.app import build_app, model_inputs
+from minivlm.serving.batch import RunningBatch
 from minivlm.serving.engine import Engine, Job
 from minivlm.serving.requests import APIError, parse_request
 
@@ -206,22 +208,88 @@ def test_a_wrong_method_is_an_invalid_request(server):
     assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_batches_keep_to_the_context_and_seeds_run_alone(checkpoint):
-    """A row is never cut short by a longer prompt beside it (it waits for the next batch instead),
-    and a seeded sampled request is batched with nothing, so its seed means what it says alone."""
-    model, processor = minivlm.load_model(checkpoint), minivlm.load_processor(checkpoint)
-    engine = Engine(model, processor)
-    engine.defaults = dataclasses.replace(engine.defaults, max_positions=100)
+def test_requests_join_a_running_answer(server, monkeypatch):
+    """Requests that arrive while a long answer streams join its batch at the next step (they do
+    not wait for it to end), and every answer, the long one too, is the one it gets alone. Each
+    step is slowed to 10 ms so that the long answer is still running when the others arrive."""
+    url, engine = server
+    long_body = {"model": "tiny", "messages": message("Go on.", photo(2)), "max_tokens": 150, "temperature": 0}
+    asks = [(f"Name colour {i}.", photo(i) if i % 2 else None) for i in range(3)]
 
-    def job(prompt: int, max_tokens: int, **sampling):
+    def ask(item):
+        text, image = item
+        reply = client(url).chat.completions.create(
+            model="tiny", messages=message(text, image), max_tokens=NEW, temperature=0
+        )
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+    alone = [ask(item) for item in asks]
+    long_alone = httpx.post(f"{url}/v1/chat/completions", json=long_body, timeout=120).json()
+    slow_step = RunningBatch.step
+
+    def step(self):
+        time.sleep(0.01)
+        return slow_step(self)
+
+    monkeypatch.setattr(RunningBatch, "step", step)
+    joins, pieces = engine.joins, []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long_body, "stream": True}, timeout=120) as r:
+        lines = r.iter_lines()
+        for line in lines:  # the long answer has begun: its first text, not the role's empty chunk
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                pieces.append(line)
+                break
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(ask, asks))
+        done_first = [line for line in lines if line.startswith("data: ")]  # the rest of the long answer
+    assert together == alone
+    assert engine.joins - joins >= len(asks)  # each joined while the long answer ran
+    assert long_alone["choices"][0]["finish_reason"] == "length"  # it ran all its 150 steps
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in pieces + done_first[:-1]
+        if json.loads(line[6:])["choices"]
+    )  # fmt: skip
+    assert text == long_alone["choices"][0]["message"]["content"]
+
+
+def test_a_request_of_other_settings_is_not_starved(server, monkeypatch):
+    """A sampled request that arrives while a greedy answer runs waits for that batch to end, and
+    greedy requests that come after it do not join the running batch ahead of it: it is answered
+    before them."""
+    url, engine = server
+    slow_step = RunningBatch.step
+    monkeypatch.setattr(RunningBatch, "step", lambda self: (time.sleep(0.01), slow_step(self))[1])
+    long_body = {"model": "tiny", "messages": message("Go on.", photo(2)), "max_tokens": 60, "temperature": 0}
+    finished = {}
+
+    def ask(name, **settings):
+        client(url).chat.completions.create(model="tiny", messages=message(name, None), max_tokens=4, **settings)
+        finished[name] = time.monotonic()
+
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=long_body, timeout=120)
+        time.sleep(0.3)  # the long answer is decoding
+        sampled = pool.submit(ask, "sampled", temperature=1.0)
+        time.sleep(0.1)
+        greedy = [pool.submit(ask, f"greedy {i}", temperature=0) for i in range(2)]
+        for f in [running, sampled, *greedy]:
+            f.result()
+    assert finished["sampled"] < min(finished["greedy 0"], finished["greedy 1"])
+
+
+def test_sampling_keys(checkpoint):
+    """Requests with equal keys may share a batch: greedy ones whatever their seed, sampled ones with
+    equal settings; a seeded sampled request shares with nothing, so its seed means what it says alone.
+    (That a row never outgrows the context beside others: tests/test_serve_batch.py.)"""
+
+    def job(**sampling):
         request = parse_request({"messages": [{"role": "user", "content": "hi"}], **sampling}, "tiny")
-        inputs = {"input_ids": torch.zeros(1, prompt, dtype=torch.long)}
-        return Job(request, inputs, None, None, max_tokens)
+        return Job(request, {"input_ids": torch.zeros(1, 5, dtype=torch.long)}, None, None, 10)
 
-    assert engine._fits([job(90, 10), job(5, 10)]) and not engine._fits([job(90, 10), job(5, 80)])
-    assert job(5, 10, temperature=1, seed=3).key() != job(5, 10, temperature=1, seed=3).key()
-    assert job(5, 10, temperature=1).key() == job(5, 10, temperature=1).key()
-    assert job(5, 10, temperature=0).key() == job(7, 20, temperature=0, seed=9).key()  # greedy: the seed is moot
+    assert job(temperature=1, seed=3).key() != job(temperature=1, seed=3).key()
+    assert job(temperature=1).key() == job(temperature=1).key()
+    assert job(temperature=1).key() != job(temperature=1, top_p=0.5).key()
+    assert job(temperature=0).key() == job(temperature=0, seed=9).key()  # greedy: the seed is moot
 
 
 def test_a_client_killed_mid_stream_leaves_the_server_serving(server):
@@ -230,8 +298,8 @@ def test_a_client_killed_mid_stream_leaves_the_server_serving(server):
             "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
-            if line.startswith("data: ") and '"content": "' in line:
-                break  # the first piece: hang up
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break  # the first text: hang up
     reply = client(url).chat.completions.create(model="tiny", messages=message("hi", None), max_tokens=3)
     assert reply.choices[0].message.content is not None
 

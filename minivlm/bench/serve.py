@@ -100,7 +100,8 @@ def bench_serve(args: argparse.Namespace) -> None:
 
     print(
         f"serve: {folder.name}, {args.clients} clients x {args.new_tokens} new tokens, {args.dtype or 'checkpoint'} "
-        f"dtype, {args.repeats} runs each, {engine.rows} rows in {engine.batches} batches"
+        f"dtype, {args.repeats} runs each, {engine.rows} rows in {engine.batches} batches "
+        f"({engine.joins} joined a running batch)"
     )
     print(f"  one after another  {fig(sequential)} tokens/s")
     print(f"  {args.clients} at once          {fig(concurrent)} tokens/s")

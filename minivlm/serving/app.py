@@ -76,7 +76,7 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
         return await answer(request, job, ident)
 
     async def answer(request: Request, job: Job, ident: str):
-        pieces, checked = [], time.monotonic()
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), POLL_SECONDS)
@@ -89,13 +89,11 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
                     return JSONResponse({}, status_code=499)
             if event is None:
                 continue
-            if event[0] == "text":
-                pieces.append(event[1])
-            elif event[0] == "error":
+            if event[0] == "error":
                 return error(event[1])
-            else:
+            else:  # the end: the text is on the job (Job.send)
                 _, reason, completion = event
-                message = {"role": "assistant", "content": "".join(pieces)}
+                message = {"role": "assistant", "content": "".join(job.text)}
                 return JSONResponse(
                     {
                         "id": ident,

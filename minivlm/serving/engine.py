@@ -1,15 +1,18 @@
-"""The model's one worker: requests wait in a bounded queue, and those waiting when the worker is
-free run together as one left-padded batch, sharing every decode step.
+"""The model's one worker: requests wait in a bounded queue, and join the running batch
+(batch.py) at the next decode step boundary: a request that arrives while others decode does not
+wait for them to finish.
 
-Rows of a batch share the sampling settings (a batch is formed from requests whose temperature,
-top_p and seed agree; a seeded sampled request runs alone, so that its seed means what it says).
-Each row stops on its own: at the checkpoint's end token, at one of its stop strings, or at its
-max_tokens; the batch stops when every row has. A row whose client has gone is dropped at the next
-step. The worker hands text to each request's asyncio queue and never waits on a client, so a slow
-reader stalls nobody.
+Rows of a batch share the sampling settings (requests whose temperature and top_p agree; a seeded
+sampled request runs alone, so that its seed means what it says). A request whose settings differ
+from the running batch's waits for it to end, and while one waits no more requests join, so the
+batch drains and nobody waits for ever. Each row stops on its own: at the checkpoint's end token,
+at one of its stop strings, or at its max_tokens, and leaves the batch; a row whose client has gone
+leaves at the next step. The worker hands text to each request's asyncio queue and never waits on
+a client, so a slow reader stalls nobody.
 
-Greedy rows give the tokens they give alone: the prompt's padding is masked, and positions count
-real tokens only (tests/test_serve.py checks it on 8 concurrent requests).
+Greedy rows give the tokens they give alone: each prompt is prefilled alone, the other rows' slots
+are masked, and positions count the row's own tokens (tests/test_serve.py checks it on 8
+concurrent requests and on requests that join mid-answer).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import GenerationError, Sampling, StopRules, StopText, defaults_of, generate_steps
+from ..generation import GenerationError, Sampling, StopText, defaults_of
 from ..generation_checks import check_context
 from ..processing.batching import collate
 from ..processing.tokenizer.base import StreamDecoder
+from .batch import RunningBatch
 from .requests import APIError, ChatRequest
 
 
@@ -43,14 +47,20 @@ class Job:
     matcher: StopText | None = None
     created: float = field(default_factory=time.time)
     outbox: list = field(default_factory=list)  # events not yet handed to the event loop
+    text: list = field(default_factory=list)  # a non-streamed answer's text so far
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
     def send(self, *event) -> None:
-        """Queue an event; `deliver` hands it to the client's event loop (once per decode step)."""
-        self.outbox.append(event)
+        """Queue an event; `deliver` hands it to the client's event loop (once per decode step). A
+        non-streamed answer's text is kept here instead (`text`) and read whole at its end: its
+        client's loop is woken once, not every step."""
+        if event[0] == "text" and not self.request.stream:
+            self.text.append(event[1])
+        else:
+            self.outbox.append(event)
 
     def key(self) -> tuple:
         """Requests with equal keys may share a batch."""
@@ -87,13 +97,14 @@ class Engine:
         self.max_batch, self.gather = max_batch, gather_ms / 1000
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.defaults = defaults_of(model)
-        self.device = next(model.parameters()).device
+        self.eos = set(self.defaults.eos_token_ids)
         self.pad_id = self.defaults.pad_token_id
         if self.pad_id is None:
             self.pad_id = (self.defaults.eos_token_ids or (0,))[0]
-        self.batches = 0  # how many batches ran, and how many rows: the tests read them
-        self.rows = 0
-        self._held: list[Job] = []  # requests taken from the queue that did not fit the last batch
+        # What the engine did, for the tests and `bench serve`: batches started, rows served, and
+        # rows that joined a batch while its other rows were decoding.
+        self.batches = self.rows = self.joins = 0
+        self._held: list[Job] = []  # requests taken from the queue that wait for the next batch
         self._thread = threading.Thread(target=self._run, name="minivlm-engine", daemon=True)
         self._thread.start()
 
@@ -120,101 +131,129 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            jobs = [j for j in self._next_batch() if not j.cancelled]
-            if jobs:
-                self._attempt(jobs)
+            first = self._held.pop(0) if self._held else self.queue.get()
+            if not first.cancelled:
+                self._gather()
+                self._serve(self.new_batch(first), first)
 
-    def _attempt(self, jobs: list[Job]) -> None:
-        """Generate for the jobs; the worker outlives any failure. A batch that fails for a reason
-        other than the request's (an APIError) is tried again row by row, so one row's problem
-        reaches that row only; a row that fails alone gets the error."""
-        try:
-            self._generate(jobs)
-        except Exception as e:  # noqa: BLE001
-            if len(jobs) > 1 and not isinstance(e, APIError):
-                for j in jobs:
-                    self._attempt([j])
-                return
-            err = e if isinstance(e, APIError) else APIError(500, f"generation failed: {type(e).__name__}: {e}")
-            for j in jobs:
-                if not j.finished:
-                    j.send("error", err)
-        finally:
-            deliver(jobs)
-
-    def _next_batch(self) -> list[Job]:
-        first = self._held.pop(0) if self._held else self.queue.get()
-        batch, others = [first], []
-        # Requests sent together arrive a few ms apart (each is tokenized on its own thread): wait
-        # while they keep coming, `gather` after the last one, at most 10 x gather in all.
+    def _gather(self) -> None:
+        """Before a batch starts, wait for the requests sent with its first: they arrive a few ms
+        apart (each is read and tokenized on a thread of its own), and one prefill of them all,
+        with both cores free, costs less than a prefill each while the others are still being
+        read. Wait while they keep coming, `gather` after the last, at most 10 x gather in all.
+        Requests that come later join at a step boundary."""
         limit = time.monotonic() + 10 * self.gather
-        while len(batch) < self.max_batch:
-            if self._held:
-                job = self._held.pop(0)
+        while len(self._held) < self.max_batch - 1:
+            try:
+                self._held.append(self.queue.get(timeout=max(0.0, min(self.gather, limit - time.monotonic()))))
+            except queue.Empty:
+                return
+
+    def new_batch(self, first: Job) -> RunningBatch:
+        request = first.request
+        sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
+        return RunningBatch(self.model, first.key(), sampling, request.seed, self.defaults.max_positions)
+
+    def _serve(self, batch: RunningBatch, first: Job) -> None:
+        """Run one batch until its last row leaves, taking in the requests that may join it at
+        every step boundary (the first with those that came with it)."""
+        self.batches += 1
+        self._held.insert(0, first)
+        while True:
+            self._admit(batch)
+            if not batch:
+                return
+            try:
+                with torch.inference_mode():
+                    tokens = batch.step().tolist()
+            except Exception as e:  # noqa: BLE001  a failed step ends the batch, never the worker
+                self._fail(batch.rows, e)
+                batch.leave(list(range(len(batch))))
+                return
+            for job, token in zip(batch.rows, tokens):
+                self._take(job, token)
+            self._leave(batch)
+
+    def _admit(self, batch: RunningBatch) -> None:
+        """Join the waiting requests that share the batch's key and fit beside its rows, prefilled
+        together; the others wait (held, in arrival order). While a request of another key waits,
+        none joins: the batch drains, and that request starts the next one."""
+        waiting, self._held, joining = self._held, [], []
+        while True:
+            if waiting:
+                job = waiting.pop(0)
             else:
                 try:
-                    job = self.queue.get(timeout=max(0.0, min(self.gather, limit - time.monotonic())))
+                    job = self.queue.get_nowait()
                 except queue.Empty:
                     break
-            fits = self._fits([*batch, job])
-            (batch if job.key() == first.key() and fits else others).append(job)
-        self._held = others + self._held
-        return batch
+            if job.cancelled:
+                continue
+            blocked = any(j.key() != batch.key for j in self._held)
+            if not blocked and len(batch) + len(joining) < self.max_batch and batch.room_for([*joining, job]):
+                joining.append(job)
+            else:
+                self._held.append(job)
+        if joining:
+            self.joins += len(joining) if batch else 0
+            self._join(batch, joining)
 
-    def _fits(self, jobs: list[Job]) -> bool:
-        """Whether the rows fit the context together: the batch is as long as its longest prompt,
-        and every row gets the decode steps of the longest answer asked for."""
-        context = self.defaults.max_positions
-        return context is None or max(j.prompt_tokens for j in jobs) + max(j.max_tokens for j in jobs) <= context
-
-    def _generate(self, jobs: list[Job]) -> None:
-        tokenizer = self.processor.tokenizer
-        for j in jobs:
-            j.decoder, j.matcher = StreamDecoder(tokenizer, skip_special_tokens=True), StopText(j.request.stop)
-        batch = collate([j.inputs for j in jobs], self.pad_id, self.processor.rows_first, side="left")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        request = jobs[0].request
-        sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
-        eos = set(self.defaults.eos_token_ids)
-        self.batches += 1
-        self.rows += len(jobs)
-        steps = generate_steps(
-            self.model,
-            max_new_tokens=max(j.max_tokens for j in jobs),
-            sampling=sampling,
-            stop=StopRules(eos),
-            seed=request.seed,
-            **batch,
-        )
+    def _join(self, batch: RunningBatch, jobs: list[Job]) -> None:
+        """Prefill the jobs into the batch and hand each its first token. A failure reaches these
+        jobs only; a group that fails for a reason other than a request's (an APIError) is tried
+        again one by one, so that one request's problem reaches that request only."""
+        for job in jobs:
+            job.decoder = StreamDecoder(self.processor.tokenizer, skip_special_tokens=True)
+            job.matcher = StopText(job.request.stop)
         try:
             with torch.inference_mode():
-                for token, _ in steps:
-                    for j, t in zip(jobs, token.tolist()):
-                        if j.finished:
-                            continue
-                        if j.cancelled:
-                            j.finished = True
-                            continue
-                        j.count += 1
-                        if t in eos:
-                            self._finish(j, "stop")
-                            continue
-                        shown, stopped = j.matcher.push(j.decoder.push(t))
-                        if shown:
-                            j.send("text", shown)
-                        if stopped:
-                            j.finished = True
-                            j.send("done", "stop", j.count)
-                        elif j.count >= j.max_tokens:
-                            self._finish(j, "length")
-                    deliver(jobs)
-                    if all(j.finished for j in jobs):
-                        break
-        finally:
-            steps.close()
-        for j in jobs:  # the context's end came first
-            if not j.finished:
-                self._finish(j, "length")
+                inputs = collate([j.inputs for j in jobs], self.pad_id, self.processor.rows_first, side="left")
+                tokens = batch.join(jobs, {k: v.to(batch.device) for k, v in inputs.items()}).tolist()
+        except Exception as e:  # noqa: BLE001
+            if len(jobs) > 1 and not isinstance(e, APIError):
+                for job in jobs:
+                    self._join(batch, [job])
+            else:
+                self._fail(jobs, e)
+            return
+        self.rows += len(jobs)
+        for job, token in zip(jobs, tokens):
+            self._take(job, token)
+        self._leave(batch)
+
+    def _take(self, job: Job, token: int) -> None:
+        """A row's new token: its text, or the end of its answer."""
+        if job.finished:
+            return
+        if job.cancelled:
+            job.finished = True
+            return
+        job.count += 1
+        if token in self.eos:
+            self._finish(job, "stop")
+            return
+        shown, stopped = job.matcher.push(job.decoder.push(token))
+        if shown:
+            job.send("text", shown)
+        if stopped:
+            job.finished = True
+            job.send("done", "stop", job.count)
+        elif job.count >= job.max_tokens:
+            self._finish(job, "length")
+
+    def _leave(self, batch: RunningBatch) -> None:
+        """Hand this step's text to the clients, and drop the rows that are done or whose client has gone."""
+        deliver(batch.rows)
+        batch.leave([i for i, j in enumerate(batch.rows) if j.finished or j.cancelled])
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        if not isinstance(error, APIError):
+            error = APIError(500, f"generation failed: {type(error).__name__}: {error}")
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                job.send("error", error)
+        deliver(jobs)
 
     def _finish(self, job: Job, reason: str) -> None:
         shown, stopped = job.matcher.push(job.decoder.flush())
