@@ -160,6 +160,7 @@ def test_concurrent_clients_get_their_own_answers(server):
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}, 400, None),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 40000}]}, 400, "messages"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300}, 400, "temperature"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
@@ -320,6 +321,10 @@ def test_a_full_queue_answers_429(checkpoint):
 
     response = asyncio.run(ask())
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+    # requests the worker has taken from the queue but not yet into a batch count too
+    engine.queue.get_nowait()
+    engine._held.append(object())
+    assert asyncio.run(ask()).status_code == 429
 
 
 def test_typed_special_tokens_are_text(checkpoint):

@@ -62,7 +62,8 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(APIError(400, f"the request body is not valid JSON ({e})"))
         try:
-            chat = parse_request(body, served_name, allow_local_images)
+            # images decode here: in a worker thread, so one large image never holds up the event loop
+            chat = await run_in_threadpool(parse_request, body, served_name, allow_local_images)
             inputs = await run_in_threadpool(model_inputs, engine.processor, chat, max_images)
             prompt = int(inputs["input_ids"].shape[1])
             max_tokens = engine.check_context(prompt, chat.max_tokens or engine.default_max_tokens(prompt))
@@ -149,7 +150,7 @@ def build_app(engine: Engine, served_name: str, allow_local_images: bool = False
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(_):
-        return JSONResponse({"status": "ok", "queued": engine.queue.qsize()})
+        return JSONResponse({"status": "ok", "queued": engine.waiting()})
 
     async def page(_):
         return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", served_name))

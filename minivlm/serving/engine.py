@@ -96,6 +96,7 @@ class Engine:
         self.model, self.processor = model, processor
         self.max_batch, self.gather = max_batch, gather_ms / 1000
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
         self.defaults = defaults_of(model)
         self.eos = set(self.defaults.eos_token_ids)
         self.pad_id = self.defaults.pad_token_id
@@ -108,9 +109,16 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="minivlm-engine", daemon=True)
         self._thread.start()
 
+    def waiting(self) -> int:
+        """Requests not yet in the running batch: queued, or taken by the worker and held."""
+        return self.queue.qsize() + len(self._held)
+
     def submit(self, job: Job) -> None:
-        """Queue a job, or APIError 429 when the queue is full."""
+        """Queue a job, or APIError 429 when max_queue requests wait already (the held ones count:
+        the worker takes every queued request at each step, so the queue alone would never fill)."""
         try:
+            if self.waiting() >= self.max_queue:
+                raise queue.Full
             self.queue.put_nowait(job)
         except queue.Full:
             raise APIError(429, "the server's queue is full; try again shortly", code="queue_full") from None

@@ -90,6 +90,10 @@ def parse_request(body, served_name: str, allow_local_images: bool = False) -> C
     request = ChatRequest(messages=[])
     request.max_tokens = _max_tokens(body)
     request.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < request.temperature < 1e-4:  # logits / 1e-300 overflow to inf: no distribution to draw from
+        raise APIError(
+            400, f"temperature {request.temperature} is too small to sample with; use 0 for greedy", "temperature"
+        )
     request.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     request.stop = _stop(body.get("stop"))
     seed = body.get("seed")
