@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .generation import GenerationError
 from .ops import KernelsError
+from .parallel import ParallelError, error_stream, rank_label
 from .parity import ParityError
 from .processing.chat import ChatTemplateError
 from .processing.image import ImageError
@@ -42,6 +43,7 @@ USER_ERRORS = (
     ImageError,
     KernelsError,
     ParityError,
+    ParallelError,
     ProcessorError,
     QuantError,
     TokenizerError,
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args)  # None, or an exit status (parity: 1 when the models part)
     except USER_ERRORS as e:
-        print(f"minivlm: error: {e}", file=sys.stderr)
+        print(f"minivlm: error: {rank_label()}{e}", file=error_stream())
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -10,6 +10,7 @@ data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +47,16 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets in the file
     end: int
+    # Tensor parallelism: read only [start, stop) along dim (0 or 1), rows past the end zeros
+    # (a padded vocabulary); `shape` is then the slice's. None: the whole tensor.
+    part: tuple[int, int, int] | None = None
+    stored: tuple[int, ...] | None = None  # the whole tensor's shape, where `part` is set
+
+    def sliced(self, dim: int, start: int, stop: int) -> "TensorEntry":
+        """This entry read as [start, stop) along dim."""
+        shape = list(self.shape)
+        shape[dim] = stop - start
+        return dataclasses.replace(self, shape=tuple(shape), part=(dim, start, stop), stored=self.shape)
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -126,6 +137,8 @@ def _naturals(value) -> bool:
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """One tensor, read straight from disk into a fresh CPU buffer (no mmap, no second copy)."""
+    if entry.part is not None:
+        return read_part(entry)
     out = torch.empty(entry.shape, dtype=entry.dtype)
     # A uint8 view of the buffer; `readinto` fills it in place.
     buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
@@ -133,6 +146,34 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
         f.seek(entry.begin)
         if f.readinto(buf) != len(buf):
             raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
+    return out
+
+
+def read_part(entry: TensorEntry) -> torch.Tensor:
+    """The slice `entry.part` of a tensor, reading its bytes only: along dim 0 one run of whole
+    rows, along dim 1 (a matrix) one run per row. Rows past the stored ones are zeros."""
+    dim, start, stop = entry.part
+    stored = entry.stored
+    item = torch.empty((), dtype=entry.dtype).element_size()
+    out = torch.zeros(entry.shape, dtype=entry.dtype)
+    row_bytes = item * math.prod(stored[1:])  # one index of dim 0
+    with open_regular(entry.file, CheckpointError) as f:
+
+        def read(offset: int, target: torch.Tensor) -> None:
+            buf = memoryview(target.view(-1).view(torch.uint8).numpy())
+            f.seek(entry.begin + offset)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
+
+        if dim == 0:
+            have = max(0, min(stop, stored[0]) - start)
+            if have:
+                read(start * row_bytes, out[:have])
+        elif dim == 1 and len(stored) == 2:
+            for r in range(stored[0]):
+                read(r * row_bytes + start * item, out[r])
+        else:
+            raise CheckpointError(f"{entry.file}: {entry.key!r}: cannot read a slice along dim {dim} of {list(stored)}")
     return out
 
 

@@ -97,12 +97,18 @@ def _load(args):
     """Model and processor, with the load time on stderr."""
     from .hub import resolve_checkpoint
     from .load import load_model, load_processor
+    from .parallel import join_group, quiet_rank
 
     check_args(args)
     start = time.perf_counter()
     folder = resolve_checkpoint(args.model)
     dtype = args.dtype or ("float32" if args.device == "cpu" else None)
-    model = load_model(folder, dtype=dtype, device=args.device, **_quant_options(args))
+    # Under torchrun (WORLD_SIZE > 1): tensor parallelism across the ranks, rank 0 alone printing.
+    shard = join_group(torch.device(args.device))
+    quiet_rank(shard)
+    model = load_model(
+        folder, dtype=dtype, device=args.device, tensor_parallel=shard is not None, **_quant_options(args)
+    )
     processor = load_processor(folder)
     weight = next(model.parameters())
     log(f"loaded {folder} ({weight.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s")
@@ -235,6 +241,7 @@ def run_chat(args) -> None:
     dropped; Ctrl-C during an answer stops it and drops the turn (the model never saw it: the next
     turn follows the last answered one); the chat goes on either way."""
     from .conversation import Conversation
+    from .parallel import from_rank0
     from .processing.image import ImageError, load_image
 
     model, processor = _load(args)
@@ -246,7 +253,7 @@ def run_chat(args) -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
     pending: list = []
     while True:
-        line = _read_line("> " if sys.stdin.isatty() else "")
+        line = from_rank0(model, lambda: _read_line("> " if sys.stdin.isatty() else ""))  # torchrun: rank 0 reads
         if line is None:
             return
         line = line.strip()

@@ -29,6 +29,7 @@ from torch import nn
 
 from .decoder import KVCache
 from .generation_checks import GenerationError, check_cache_memory, check_mask, check_prompt, check_seed, new_cache
+from .parallel import shared_seed
 from .processing.tokenizer import StreamDecoder, Tokenizer
 from .steps import (  # noqa: F401  (Sampling and its parts are part of this module's surface)
     DecodeStep,
@@ -198,6 +199,7 @@ def generate_steps(
     generator = None
     if not sampling.greedy:
         generator = torch.Generator(device=device)
+        seed = shared_seed(model, seed)  # tensor parallelism: every rank draws the same tokens
         generator.manual_seed(int(seed) if seed is not None else torch.seed())
     logits = prefill(model, input_ids, attention_mask, cache, **image_inputs)
     seen = None

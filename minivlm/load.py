@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -140,6 +141,7 @@ def load_model(
     quantize: str | QuantConfig | None = None,
     group_size: int | None = None,
     quantize_parts: Sequence[str] | str | None = None,
+    tensor_parallel: bool = False,
 ) -> nn.Module:
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
 
@@ -158,6 +160,10 @@ def load_model(
     quant.QuantConfig given as `quantize` sets every choice, search=True among them: each group's
     range searched for the least error). A checkpoint saved quantized
     (quant_save.save_quantized) loads as it was saved, and takes no quantize argument.
+
+    tensor_parallel: split the decoder across the ranks of the initialised torch.distributed
+    process group (parallel.py); each rank reads only its slices of the files. Every rank calls
+    this with the same checkpoint, and then generate/stream as it would alone.
     """
     folder = resolve_checkpoint(path_or_id)
     family, config, raw = read_family_config(folder)
@@ -168,19 +174,48 @@ def load_model(
     saved = saved_quantization(raw, f"{folder}/config.json")
     if saved is not None and quant is not None:
         raise QuantError(f"{folder} is saved quantized ({saved.scheme}); load it without quantize=")
+    build, slices, shard = (lambda: family.module(config, kernels)), None, None
+    if tensor_parallel:
+        build, slices, shard = parallel_build(folder, family, config, kernels, saved or quant)
     model = load_weights(
-        lambda: family.module(config, kernels),
+        build,
         folder,
         family.keys,
         dtype,
         torch.device(device),
         quant=saved or quant,
         prequantized=saved is not None,
+        slices=slices,
     )
+    model.tensor_parallel = shard
     prepare_quantized(model)
     model.quantization = saved or quant
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
     return model
+
+
+def parallel_build(folder, family: Family, config, kernels: str, quant):
+    """Tensor parallelism's build function, the slices this rank reads, and its place."""
+    from . import parallel
+
+    shard = parallel.current_shard()
+    if quant is not None:
+        raise parallel.ParallelError(
+            "tensor_parallel=True with quantized weights is not supported; quantize on one device, "
+            "or split the full-precision model"
+        )
+    parallel.check_same_checkpoint(Path(folder), shard)
+    text = getattr(config, "text", config)
+    local = parallel.local_config(text, shard)
+    local_model = local if text is config else dataclasses.replace(config, text=local)
+
+    def build():
+        model = family.module(local_model, kernels)
+        parallel.split_decoder(getattr(model, "language_model", model), text, shard)
+        return model
+
+    prefix = "" if text is config else "language_model."
+    return build, parallel.decoder_slices(text, shard, prefix), shard
 
 
 def load_processor(path_or_id: str | os.PathLike) -> Processor:

@@ -107,6 +107,7 @@ def load_weights(
     device: torch.device,
     quant: QuantConfig | None = None,
     prequantized: bool = False,
+    slices: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> nn.Module:
     """Build the module tree on the meta device, then fill it from the folder's safetensors.
 
@@ -117,6 +118,9 @@ def load_weights(
     quant: quantize the linear layers of `quant.parts` (quant.py). prequantized False: the files
     hold full-precision weights, each quantized as it is read (only one full-precision tensor is in
     memory at a time); True: the files hold the quantized layout (save_quantized).
+
+    slices: tensor parallelism (parallel.py): {module name: (dim, start, stop, full size)}, the
+    tensors of which this rank reads only [start, stop) along dim.
     """
     with torch.device("meta"), skip_init():
         model = build()
@@ -130,7 +134,10 @@ def load_weights(
 
     # Plan from the headers alone: every name, shape and dtype is checked before any data is read,
     # and the parameter count config.json describes against what the files hold.
-    plan = plan_tensors(expected, tied_groups, find_tensors(folder), table, folder)
+    tensors = find_tensors(folder)
+    if slices:
+        tensors = slice_entries(tensors, table, slices)
+    plan = plan_tensors(expected, tied_groups, tensors, table, folder)
     quantize_at_read = {} if prequantized else {f"{t}.weight": t for t in targets}
     if quantize_at_read:
         with torch.device("meta"):
@@ -172,6 +179,26 @@ def load_weights(
 
 
 CPU = torch.device("cpu")
+
+
+def slice_entries(
+    tensors: dict[str, TensorEntry], table: KeyTable, slices: dict[str, tuple[int, int, int, int]]
+) -> dict[str, TensorEntry]:
+    """The entries of `slices` (by module name) narrowed to this rank's slice, each checked first to
+    have the full size along the split dimension."""
+    out = {}
+    for key, entry in tensors.items():
+        spec = slices.get(table.model_key(key) or "")
+        if spec is not None:
+            dim, start, stop, full = spec
+            if len(entry.shape) <= dim or entry.shape[dim] != full:
+                raise CheckpointError(
+                    f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}; tensor parallelism "
+                    f"expects {full} along dimension {dim}"
+                )
+            entry = entry.sliced(dim, start, stop)
+        out[key] = entry
+    return out
 
 
 def release_freed_memory() -> None:

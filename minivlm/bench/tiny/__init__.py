@@ -50,20 +50,26 @@ TINY_FAMILIES = {
 }
 
 
-def text_config(tok, **extra) -> dict:
-    return dict(
+def _text_config(tok, **extra) -> dict:
+    """The tiny decoder's sizes; `extra` adds to them or changes them."""
+    sizes = dict(
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=160,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        **extra,
     )
+    return {**sizes, **extra}
 
 
-def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
+def vlm_config(family: str, tok, text: dict | None = None) -> transformers.PretrainedConfig:
+    """text: sizes of the decoder to change (tensor parallelism's tests need heads that 4 divides)."""
     image = tok.convert_tokens_to_ids("<image>")
+
+    def text_config(tok, **extra) -> dict:
+        return _text_config(tok, **{**extra, **(text or {})})
+
     if family == "llava-1.5":
         return transformers.LlavaConfig(
             vision_config=CLIP_L,
@@ -99,8 +105,10 @@ def vlm_config(family: str, tok) -> transformers.PretrainedConfig:
             patch_size=14,
         )
         # 4096 positions: a 17-tile photo takes 2,873 image tokens
-        text = dict(model_type="llama", **text_config(tok, max_position_embeddings=4096))
-        return transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=image, scale_factor=2)
+        decoder = dict(model_type="llama", **text_config(tok, max_position_embeddings=4096))
+        return transformers.Idefics3Config(
+            vision_config=vision, text_config=decoder, image_token_id=image, scale_factor=2
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
 
 
@@ -119,10 +127,10 @@ def real_tokenizer(family: str, source: Path, folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = None) -> Path:
+def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = None, text: dict | None = None) -> Path:
     """Write the tiny checkpoint of `family` into `folder` and return the folder; with the real
     `vocabulary` folder (a real tokenizer: tests/real_files.py fetches them) as its tokenizer when
-    given, else one trained here (vocab.py)."""
+    given, else one trained here (vocab.py). text: decoder sizes to change (not for llama3v)."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny checkpoint of {family!r}; there are {sorted(TINY_FAMILIES)}")
     folder = Path(folder)
@@ -154,14 +162,14 @@ def tiny_checkpoint(family: str, folder: str | Path, vocabulary: Path | None = N
     tok.pad_token = tok.pad_token or "<|endoftext|>"
     torch.manual_seed(0)
     if family == "qwen2-text":
-        config = transformers.Qwen2Config(**text_config(tok))
+        config = transformers.Qwen2Config(**_text_config(tok, **(text or {})))
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     else:
         processor = PROCESSORS[processor](tok)
         if family == "idefics3":  # Idefics3-8B resizes the longest side to 4 x 364: up to 4x4 tiles
             processor.image_processor.size = {"longest_edge": 4 * 364}
         processor.save_pretrained(folder)
-        config = vlm_config(family, tok)
+        config = vlm_config(family, tok, text)
         model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
     save_checkpoint(randomize_(model).eval(), folder, layout="hub")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids("<|im_end|>")
