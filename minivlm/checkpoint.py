@@ -140,13 +140,18 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     if entry.part is not None:
         return read_part(entry)
     out = torch.empty(entry.shape, dtype=entry.dtype)
-    # A uint8 view of the buffer; `readinto` fills it in place.
-    buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     with open_regular(entry.file, CheckpointError) as f:
-        f.seek(entry.begin)
-        if f.readinto(buf) != len(buf):
-            raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
+        _read_into(f, entry, 0, out)
     return out
+
+
+def _read_into(f, entry: TensorEntry, offset: int, target: torch.Tensor) -> None:
+    """Fill `target` (contiguous) in place with the bytes at `offset` into the entry's data."""
+    # A uint8 view of the buffer; `readinto` fills it in place.
+    buf = memoryview(target.view(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
+    f.seek(entry.begin + offset)
+    if f.readinto(buf) != len(buf):
+        raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
 
 
 def read_part(entry: TensorEntry) -> torch.Tensor:
@@ -158,20 +163,13 @@ def read_part(entry: TensorEntry) -> torch.Tensor:
     out = torch.zeros(entry.shape, dtype=entry.dtype)
     row_bytes = item * math.prod(stored[1:])  # one index of dim 0
     with open_regular(entry.file, CheckpointError) as f:
-
-        def read(offset: int, target: torch.Tensor) -> None:
-            buf = memoryview(target.view(-1).view(torch.uint8).numpy())
-            f.seek(entry.begin + offset)
-            if f.readinto(buf) != len(buf):
-                raise CheckpointError(f"{entry.file}: truncated while reading its tensors")
-
         if dim == 0:
             have = max(0, min(stop, stored[0]) - start)
             if have:
-                read(start * row_bytes, out[:have])
+                _read_into(f, entry, start * row_bytes, out[:have])
         elif dim == 1 and len(stored) == 2:
             for r in range(stored[0]):
-                read(r * row_bytes + start * item, out[r])
+                _read_into(f, entry, r * row_bytes + start * item, out[r])
         else:
             raise CheckpointError(f"{entry.file}: {entry.key!r}: cannot read a slice along dim {dim} of {list(stored)}")
     return out

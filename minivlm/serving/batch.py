@@ -90,7 +90,6 @@ class RunningBatch:
             logits = self.lm.decode_step(self.tokens, self.positions, self.slot_t, kv_valid, self.rope, self.cache)
             self.slot_t += 1
         else:
-            self.cache.length = self.slot
             mask = self.kv_valid[:, : self.slot + 1].long()
             logits = self.lm(self.tokens[:, None], mask, cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
         self.positions += 1
