@@ -21,6 +21,7 @@ from a seed that rank 0 chooses when none is given (`shared_seed`).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -66,18 +67,27 @@ def current_shard() -> Shard:
     return Shard(dist.get_rank(), dist.get_world_size())
 
 
-def join_group(device: torch.device) -> Shard | None:
-    """Under torchrun (WORLD_SIZE > 1): the process group, joined once (NCCL on CUDA, gloo on the
-    CPU), and this rank's place; one process: None. A rank that dies ends the others' collectives
-    within MINIVLM_DIST_TIMEOUT seconds (20) instead of hanging them."""
+def join_group(device: torch.device, timeout: float = 20) -> Shard | None:
+    """Under torchrun (WORLD_SIZE > 1): the process group, joined once (NCCL on CUDA, each rank on
+    its LOCAL_RANK's GPU; gloo on the CPU), and this rank's place; one process: None. A rank that
+    dies ends the others' collectives within MINIVLM_DIST_TIMEOUT seconds (default `timeout`)
+    instead of hanging them. Training joins through here too."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("MINIVLM_DIST_TIMEOUT", "20")))
+        seconds = float(os.environ.get("MINIVLM_DIST_TIMEOUT", str(timeout)))
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
+        # Left to the interpreter's exit, gloo's threads can abort the process (SIGABRT) after
+        # its work is done: leave the group first.
+        atexit.register(_leave_group)
     return current_shard()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _ERRORS = [None]  # where this process's errors go once quiet_rank has silenced it

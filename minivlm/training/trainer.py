@@ -26,7 +26,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..generation import defaults_of
+from ..parallel import join_group
 from .data import Example, check_examples, collate, encode
 from .labels import IGNORE
 from .lora import LoraConfig, apply_lora, lora_layers
@@ -162,15 +162,10 @@ class World:
 
 
 def join_world(device: torch.device) -> World:
-    """The torchrun process group (gloo on the CPU, nccl on CUDA), joined once; one process: no group.
+    """The torchrun process group (parallel.join_group), joined once; one process: no group.
     A rank that dies makes the others fail within MINIVLM_DIST_TIMEOUT seconds (60), not hang."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("MINIVLM_DIST_TIMEOUT", "60")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return World(dist.get_rank(), dist.get_world_size())
+    shard = join_group(device, timeout=60)
+    return World() if shard is None else World(shard.rank, shard.world)
 
 
 def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
