@@ -15,7 +15,9 @@ Run the notebooks from this folder (`jupyter lab notebooks/`, or as the tests do
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ["llava-1.5", "llava-next", "llava-interleave", "idefics3", "llama3v"]
 _built: dict[str, Path] = {}
+
+# Every folder a notebook's helpers make lies under one temporary root, removed when the kernel
+# exits: a tiny checkpoint is megabytes, and the tests run each notebook on every CI run.
+_ROOT_TMP = Path(tempfile.mkdtemp(prefix="minivlm-notebook-"))
+atexit.register(shutil.rmtree, _ROOT_TMP, ignore_errors=True)
 
 
 # The hub names the real checkpoints have in weights/ (as `python -m minivlm download` names them).
@@ -48,7 +55,7 @@ def checkpoint(family: str) -> Path:
     if family not in _built:
         # Built in a subprocess: the notebook's own process never imports transformers, and the
         # builders' progress output stays out of the notebook.
-        folder = Path(tempfile.mkdtemp(prefix="minivlm-")) / family
+        folder = _ROOT_TMP / family
         code = f"from minivlm.bench.tiny import tiny_checkpoint; tiny_checkpoint({family!r}, {str(folder)!r})"
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
@@ -75,7 +82,7 @@ def smollm2() -> Path:
 
 def scratch(name: str) -> Path:
     """A new empty folder for what a notebook writes (training data, a saved checkpoint)."""
-    return Path(tempfile.mkdtemp(prefix=f"minivlm-{name}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT_TMP))
 
 
 def is_real(folder: Path) -> bool:

@@ -148,12 +148,17 @@ def compile_launch(kernel, args, kwargs, arch: int):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     knobs.nvidia.dump_ptxas_log = True  # triton runs ptxas -v; this prints what it says
-    knobs.cache.dir = tempfile.mkdtemp()  # compile afresh: a cached kernel would run no ptxas
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-        )
+    # A fresh cache folder: a cached kernel would run no ptxas. The compiled kernel holds its asm in
+    # memory, so the folder goes right after (hundreds of them per run otherwise stay in /tmp).
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
+        previous, knobs.cache.dir = knobs.cache.dir, cache
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
+        finally:
+            knobs.cache.dir = previous
     return compiled, usage(log.getvalue())
 
 

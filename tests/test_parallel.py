@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +42,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def torchrun(n: int, *args, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run(
-        [*TORCHRUN, "--nproc-per-node", str(n), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=environment,
-    )  # fmt: skip
+    # torchrun's own scratch folders (torchelastic_*) stay behind when a rank is killed: give it one
+    # of ours, removed after.
+    with tempfile.TemporaryDirectory() as scratch:
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": scratch, **env}
+        return subprocess.run(
+            [*TORCHRUN, "--nproc-per-node", str(n), *map(str, args)],
+            capture_output=True, text=True, timeout=timeout, env=environment,
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,8 @@ def test_two_processes_match_one_with_the_combined_batch(task, tmp_path):
         "3",
     ]
     assert run(*common, "--batch-size", 2, "--output", tmp_path / "one") == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "scratch").mkdir()  # torchrun's scratch folders (torchelastic_*), not left in /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "scratch")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [

@@ -10,9 +10,11 @@ the median [min-max] of --repeats runs of each way.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -50,7 +52,9 @@ def bench_serve(args: argparse.Namespace) -> None:
     else:
         from .tiny import tiny_checkpoint
 
-        folder = tiny_checkpoint(args.family, Path(tempfile.mkdtemp(prefix="minivlm-bench-serve-")) / args.family)
+        scratch = tempfile.mkdtemp(prefix="minivlm-bench-serve-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        folder = tiny_checkpoint(args.family, Path(scratch) / args.family)
     model, processor = minivlm.load_model(folder, dtype=args.dtype), minivlm.load_processor(folder)
     engine = Engine(model, processor, max_batch=args.clients, max_queue=4 * args.clients, gather_ms=20)
     config = uvicorn.Config(build_app(engine, "bench"), host="127.0.0.1", port=args.port, log_level="warning")
