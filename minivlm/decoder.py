@@ -88,6 +88,10 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
+        # How many slots a decode step's attention reads (write_at's view); None: all max_len, the
+        # static shape a compiled step needs. An eager step sets it to the filled slots, so its
+        # cost follows the tokens so far, not the room made for the longest answer.
+        self.reach: int | None = None
 
     def reserve(self, max_len: int) -> None:
         """Make room for max_len slots, keeping what is filled (a chat's next turn)."""
@@ -111,10 +115,13 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's write: k, v (batch, kv_heads, 1, head_dim) into the slot held by the
-        device tensor `slot` (1,), in place; returns the layer's whole cache (static shape)."""
+        device tensor `slot` (1,), in place; returns the layer's cache (batch, kv_heads, reach or
+        max_len, head_dim): its first `reach` slots, or all of them (static shape)."""
         self.keys[layer].index_copy_(2, slot, k)
         self.values[layer].index_copy_(2, slot, v)
-        return self.keys[layer], self.values[layer]
+        if self.reach is None:
+            return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, : self.reach], self.values[layer][:, :, : self.reach]
 
 
 class Attention(nn.Module):

@@ -290,12 +290,15 @@ def decode_attention(
     max_len, head_dim) filled up to and including that slot. Key j is visible when j <= slot, j is a
     real token (kv_valid (batch, max_len), if given) and j > slot - window (if given): the rules of
     `attention` for one query, with the unfilled slots hidden. Returns (batch, heads, 1, head_dim).
+    The caches may be the first slots of a longer cache (KVCache.reach); kv_valid is cut to them.
 
     On CUDA (and under "on") the Triton split-KV kernel (`minivlm.kernels.decode`) reads the slot on
     the device and touches only the filled keys; elsewhere the whole cache goes through SDPA ("auto")
     or the definition ("off") with the unfilled slots masked. The query's own slot is always visible,
     so no row is fully masked.
     """
+    if kv_valid is not None:
+        kv_valid = kv_valid[:, : k_cache.shape[2]]
     if use_kernels(q, kernels):
         return _triton_kernels().decode.decode_attention(
             q, k_cache, v_cache, slot, kv_valid=kv_valid, window=window, scale=scale

@@ -147,8 +147,9 @@ class DecodeStep:
         self.positions = attention_mask.sum(dim=1, keepdim=True)  # (batch, 1): real tokens so far
         self.slot = torch.tensor([cache.length], device=device)  # (1,): where the next token goes
         self.rope = self.model.model.rope_table(cache.max_len, self.model.model.embed_tokens.weight.dtype)
-        self.step = self.model.decode_step
+        self.step, self.compiled = self.model.decode_step, compile
         if compile:
+            cache.reach = None  # the whole cache: one shape for every step
             self.step = compiled_decode_step(self.model)
             if device.type == "cuda":  # CUDA graphs read these in place instead of copying them every replay
                 for t in (*cache.keys, *cache.values, *self.rope, *([self.kv_valid] if padded else [])):
@@ -160,6 +161,8 @@ class DecodeStep:
                 return self.model(token[:, None], cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
             return self.model(token[:, None], self.mask, cache=self.cache, logits_to_keep=1, **self.options)[:, -1]
+        if not self.compiled:  # eager: attend over the filled slots only (a compiled step keeps its shapes)
+            self.cache.reach = self.cache.length + 1
         logits = self.step(token, self.positions, self.slot, self.kv_valid, self.rope, self.cache)
         self.positions += 1
         self.slot += 1

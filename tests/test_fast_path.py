@@ -112,3 +112,27 @@ def test_the_reference_path_is_the_definition(tmp_path, monkeypatch):
     model = minivlm.load_model(save_checkpoint(build_text_model("llama"), tmp_path, layout="hub"), kernels="off")
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_an_eager_decode_step_reads_only_the_filled_slots(tmp_path, monkeypatch):
+    """The eager fast path's decode step attends over the slots filled so far (KVCache.reach), not
+    the whole cache made for max_new_tokens, so a long max_new_tokens does not slow every step; the
+    tokens stay transformers' (a left-padded row and a sliding window cut with the cache)."""
+    hf = build_text_model("qwen2")  # a sliding window of 4
+    model = minivlm.load_model(save_checkpoint(hf, tmp_path, layout="hub"))
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    read, attend = [], ops.decode_attention
+
+    def recording(q, k_cache, v_cache, slot, **kwargs):
+        read.append((k_cache.shape[2], int(slot)))
+        return attend(q, k_cache, v_cache, slot, **kwargs)
+
+    monkeypatch.setattr(ops, "decode_attention", recording)
+    expected = hf_generate(hf, ids, mask, None, 0)
+    new = expected.shape[1]
+    assert torch.equal(minivlm.generate(model, ids, mask, max_new_tokens=new), expected)
+    assert len(read) == model.config.num_layers * (new - 1)  # the first token comes from the prefill
+    assert all(length == slot + 1 for length, slot in read)  # up to and including the new token's slot
+    assert max(length for length, _ in read) == ids.shape[1] + new - 1  # the cache holds one slot more

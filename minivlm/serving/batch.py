@@ -87,6 +87,7 @@ class RunningBatch:
         (rows,) out."""
         if self.fast:
             kv_valid = self.kv_valid if any(self.starts) else None  # no padding: nothing to mask
+            self.cache.reach = self.slot + 1  # attend over the filled slots, not the room past them
             logits = self.lm.decode_step(self.tokens, self.positions, self.slot_t, kv_valid, self.rope, self.cache)
             self.slot_t += 1
         else:
