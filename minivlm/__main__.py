@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args)  # None, or an exit status (parity: 1 when the models part)
     except USER_ERRORS as e:
-        print(f"minivlm: error: {rank_label()}{e}", file=error_stream())
+        stream = error_stream()  # one write: lines of several ranks sharing a terminal stay whole
+        stream.write(f"minivlm: error: {rank_label()}{e}\n")
+        stream.flush()
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -223,15 +223,18 @@ def note_cut(model, prompt_len: int, max_new_tokens: int) -> None:
         )
 
 
-def _read_line(prompt: str) -> str | None:
+def _read_line(prompt: str, interrupt_ends: bool = False) -> str | None:
     """One line of stdin; None at its end. Ctrl-C at the prompt gives an empty line, as Python's
-    own prompt does (Ctrl-D or /quit ends the chat)."""
+    own prompt does (Ctrl-D or /quit ends the chat), or ends the chat (`interrupt_ends`: under
+    tensor parallelism, where every rank has the interrupt at a different point)."""
     try:
         return input(prompt)
     except EOFError:
         return None
     except KeyboardInterrupt:
         sys.stdout.write("\n")
+        if interrupt_ends:
+            raise
         return ""
 
 
@@ -239,12 +242,35 @@ def run_chat(args) -> None:
     """The chat loop. A turn that fails (an image that cannot be read, a turn longer than the
     context, a typed special token the tokenizer cannot take) prints one line on stderr and is
     dropped; Ctrl-C during an answer stops it and drops the turn (the model never saw it: the next
-    turn follows the last answered one); the chat goes on either way."""
-    from .conversation import Conversation
-    from .parallel import from_rank0
-    from .processing.image import ImageError, load_image
+    turn follows the last answered one); the chat goes on either way.
+
+    Under tensor parallelism (torchrun) rank 0 reads the terminal and the images and sends them to
+    the others; Ctrl-C ends the chat (each rank has it at a different step, and they cannot
+    resume in step), as does a rank that stops."""
+    from .parallel import ParallelError
 
     model, processor = _load(args)
+    if model.tensor_parallel is None:
+        return _chat_loop(args, model, processor)
+    try:
+        return _chat_loop(args, model, processor)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        log("minivlm: interrupted; under tensor parallelism Ctrl-C ends the chat (the ranks cannot resume in step)")
+        return 130
+    except ParallelError:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
+
+
+def _chat_loop(args, model, processor) -> None:
+    from .conversation import Conversation
+    from .parallel import ParallelError, from_rank0
+    from .processing.image import ImageError, load_image
+
+    parallel = model.tensor_parallel is not None
     chat = Conversation(model, processor, system=args.system, **_generation(args))
     log(f"commands: {CHAT_COMMANDS}")
     if hasattr(sys.stdin, "reconfigure"):
@@ -253,7 +279,8 @@ def run_chat(args) -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
     pending: list = []
     while True:
-        line = from_rank0(model, lambda: _read_line("> " if sys.stdin.isatty() else ""))  # torchrun: rank 0 reads
+        prompt = "> " if sys.stdin.isatty() else ""
+        line = from_rank0(model, lambda: _read_line(prompt, interrupt_ends=parallel))  # torchrun: rank 0 reads
         if line is None:
             return
         line = line.strip()
@@ -272,7 +299,8 @@ def run_chat(args) -> None:
             continue
         if command == "/image":
             try:
-                pending.append(load_image(line[len("/image") :].strip()))
+                path = line[len("/image") :].strip()
+                pending.append(from_rank0(model, lambda: load_image(path)))  # torchrun: rank 0's file
                 log(f"image {len(pending)} attached")
             except ImageError as e:
                 log(f"minivlm: {e}")  # one bad path does not end the chat
@@ -289,10 +317,15 @@ def run_chat(args) -> None:
                 wrote = True
         except KeyboardInterrupt:
             answer.close()  # the turn is dropped (Conversation.say restores the state before it)
+            if parallel:
+                raise
             sys.stdout.write("\n" if wrote else "")
             sys.stdout.flush()
             log("minivlm: answer interrupted; the turn is dropped" + _dropped(images))
             continue
+        except ParallelError:  # a rank stopped: the others cannot go on
+            answer.close()
+            raise
         except Exception as e:  # one turn's error never ends the chat
             answer.close()
             sys.stdout.write("\n" if wrote else "")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .decoder import KVCache
 from .generation_checks import GenerationError, check_cache_memory, check_mask, check_prompt, check_seed, new_cache
-from .parallel import shared_seed
+from .parallel import check_same_call, shared_seed
 from .processing.tokenizer import StreamDecoder, Tokenizer
 from .steps import (  # noqa: F401  (Sampling and its parts are part of this module's surface)
     DecodeStep,
@@ -183,6 +183,11 @@ def generate_steps(
     if compile:
         check_compile(model)
     stop = stop or StopRules(set(defaults.eos_token_ids))
+    # Tensor parallelism: ranks that called with different inputs get an error, not a backend abort.
+    check_same_call(
+        model, input_ids, attention_mask, past, max_new_tokens, sampling, seed,
+        sorted(stop.token_ids), sorted(stop.strings), *(image_inputs[k] for k in sorted(image_inputs)),
+    )  # fmt: skip
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if attention_mask is None:

@@ -188,6 +188,10 @@ def load_model(
         slices=slices,
     )
     model.tensor_parallel = shard
+    if shard is not None:
+        from .parallel import meet
+
+        meet()  # every rank has loaded (the slowest may take minutes): from here collectives run in step
     prepare_quantized(model)
     model.quantization = saved or quant
     model.generation_defaults = GenerationDefaults.read(folder, getattr(config, "text", config))
@@ -201,8 +205,9 @@ def parallel_build(folder, family: Family, config, kernels: str, quant):
     shard = parallel.current_shard()
     if quant is not None:
         raise parallel.ParallelError(
-            "tensor_parallel=True with quantized weights is not supported; quantize on one device, "
-            "or split the full-precision model"
+            "tensor parallelism (tensor_parallel=True, or torchrun with more than one process) does not take "
+            "quantized weights (quantize= / --quantize, or a checkpoint saved quantized); quantize on one "
+            "device, or split the full-precision model"
         )
     parallel.check_same_checkpoint(Path(folder), shard)
     text = getattr(config, "text", config)

@@ -17,6 +17,11 @@ of every split tensor, read from the checkpoint as that slice alone.
 
 Every rank computes the same logits, so greedy decoding agrees without a broadcast; sampling draws
 from a seed that rank 0 chooses when none is given (`shared_seed`).
+
+Two clocks (`join_group`): the model's collectives run in step, so a peer that has not answered
+within MINIVLM_DIST_TIMEOUT seconds (20) is hung, and this rank says so instead of hanging too. Joining,
+waiting for the slowest rank's load, and a chat waiting for its user are not hangs: they use the
+default group, whose timeout is a week (a peer that dies still ends them at once: its sockets close).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import atexit
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -67,25 +73,59 @@ def current_shard() -> Shard:
     return Shard(dist.get_rank(), dist.get_world_size())
 
 
+PATIENT = timedelta(days=7)  # the default group's timeout under join_group: waits that are not hangs
+_STEPS: list = [None]  # the group of the collectives that run in step (join_group); None: the default group
+
+
 def join_group(device: torch.device, timeout: float = 20) -> Shard | None:
     """Under torchrun (WORLD_SIZE > 1): the process group, joined once (NCCL on CUDA, each rank on
-    its LOCAL_RANK's GPU; gloo on the CPU), and this rank's place; one process: None. A rank that
-    dies ends the others' collectives within MINIVLM_DIST_TIMEOUT seconds (default `timeout`)
-    instead of hanging them. Training joins through here too."""
+    its LOCAL_RANK's GPU; gloo on the CPU), and this rank's place; one process: None. Two groups of
+    every rank: the default one, patient (PATIENT: joining, loading, a chat's user), and one for
+    the collectives that run in step (`collective`), where a peer silent for MINIVLM_DIST_TIMEOUT
+    seconds (default `timeout`) ends this rank with an error instead of a hang. Training joins
+    through here too."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     if not dist.is_initialized():
-        seconds = float(os.environ.get("MINIVLM_DIST_TIMEOUT", str(timeout)))
+        seconds = step_timeout(timeout)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=PATIENT)
+        _STEPS[0] = dist.new_group(backend=backend, timeout=timedelta(seconds=seconds))
         # Left to the interpreter's exit, gloo's threads can abort the process (SIGABRT) after
         # its work is done: leave the group first.
-        atexit.register(_leave_group)
+        atexit.register(leave_group)
     return current_shard()
 
 
-def _leave_group() -> None:
+def step_timeout(default: float) -> float:
+    """MINIVLM_DIST_TIMEOUT in seconds (a positive number), else `default`."""
+    text = os.environ.get("MINIVLM_DIST_TIMEOUT", "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= PATIENT.total_seconds()):
+        raise ParallelError(
+            f"MINIVLM_DIST_TIMEOUT is {text!r}; it is how many seconds a peer may stay silent during "
+            f"generation before the run ends: a number above 0 and at most {PATIENT.total_seconds():.0f}"
+        )
+    return seconds
+
+
+def steps_group():
+    """The group of the collectives that run in step: join_group's, or None (the default group: a
+    group the caller initialised, with its own timeout)."""
+    return _STEPS[0]
+
+
+def leave_group() -> None:
+    """Leave the process group (what a script that initialised one should do before it exits:
+    gloo's threads, left to the interpreter's exit, can abort a finished process)."""
+    _STEPS[0] = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -107,8 +147,10 @@ def error_stream():
 
 
 def rank_label() -> str:
-    """ "rank N: " on a silenced rank (its errors are told apart from rank 0's), else nothing."""
-    return f"rank {dist.get_rank()}: " if _ERRORS[0] is not None else ""
+    """ "rank N: " on a rank of torchrun's other than 0 (its errors are told apart from rank 0's),
+    before the group is joined too; else nothing."""
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    return f"rank {rank}: " if rank != "0" else ""
 
 
 def padded_vocab(vocab: int, world: int) -> int:
@@ -140,17 +182,24 @@ def local_config(text: TextConfig, shard: Shard) -> TextConfig:
 # -- the split layers ---------------------------------------------------------------------------
 
 
-def collective(op, *args) -> None:
-    """Run a collective; a peer that stopped (killed, or failed on its own) becomes one clear error
-    on this rank instead of the backend's traceback."""
+def collective(op, *args, patient: bool = False) -> None:
+    """Run a collective: in step (the steps group's timeout), or `patient` (the default group: a
+    wait that is not a hang). A peer that stopped (killed, failed on its own, or silent past the
+    timeout) becomes one clear error on this rank instead of the backend's traceback."""
     try:
-        op(*args)
+        op(*args, group=None if patient else steps_group())
     except RuntimeError as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise ParallelError(
-            f"rank {dist.get_rank()}: another process of the tensor-parallel group stopped or failed, "
-            f"so this one cannot go on ({type(e).__name__}: {first})"
+            "another process of the tensor-parallel group stopped, failed or stayed silent past its "
+            f"timeout, so this one cannot go on ({type(e).__name__}: {first})"
         ) from None
+
+
+def meet() -> None:
+    """Wait for every rank (patiently): after loading, so that the slowest rank's load is not taken
+    for a hang by the first collective in step."""
+    collective(dist.barrier, patient=True)
 
 
 class RowParallelLinear(nn.Linear):
@@ -244,10 +293,16 @@ def decoder_slices(full: TextConfig, shard: Shard, prefix: str = "") -> dict[str
 
 
 def fingerprint(folder: Path) -> str:
-    """What every rank must agree on: config.json's bytes and every tensor's name, shape and dtype."""
+    """What every rank must agree on: the bytes of the files minivlm reads beside the weights
+    (config.json, the tokenizer, the chat template, generation_config.json, the preprocessor's
+    config, ...) and every tensor's name, shape and dtype. (Not the weights' bytes: gigabytes.)"""
     from .checkpoint import find_tensors
 
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken"):
+            digest.update(f"{path.name}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     headers = sorted((e.key, list(e.shape), str(e.dtype)) for e in find_tensors(folder).values())
     digest.update(json.dumps(headers).encode())
     return digest.hexdigest()
@@ -258,10 +313,42 @@ def check_same_checkpoint(folder: Path, shard: Shard) -> None:
     machine), by name, on every rank."""
     mine = fingerprint(folder)
     theirs: list = [None] * shard.world
-    collective(dist.all_gather_object, theirs, (str(folder), mine))
+    collective(dist.all_gather_object, theirs, (str(folder), mine), patient=True)
     if len({f for _, f in theirs}) > 1:
         listing = "; ".join(f"rank {r}: {path} ({f[:12]})" for r, (path, f) in enumerate(theirs))
-        raise ParallelError(f"the ranks opened different checkpoints (config.json or tensors differ): {listing}")
+        raise ParallelError(
+            "the ranks opened different checkpoints (their config, tokenizer, template or other files, "
+            f"or their tensors' names, shapes or dtypes differ): {listing}"
+        )
+
+
+def check_same_call(model: nn.Module, *inputs) -> None:
+    """Under tensor parallelism every rank must make the same call with the same inputs (tensors,
+    settings): ranks that do not would pair unrelated collectives and abort in the backend. One
+    exchange of digests per call says so instead. Elsewhere nothing."""
+    shard = getattr(model, "tensor_parallel", None)
+    if shard is None:
+        return
+    digest = hashlib.sha256()
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    theirs: list = [None] * shard.world
+    collective(dist.all_gather_object, theirs, digest.hexdigest(), patient=True)
+    if len(set(theirs)) > 1:
+        groups = {}
+        for rank, d in enumerate(theirs):
+            groups.setdefault(d, []).append(rank)
+        alike = "; ".join("rank" + ("s " if len(r) > 1 else " ") + ", ".join(map(str, r)) for r in groups.values())
+        raise ParallelError(
+            f"the ranks called generate with different inputs or settings (alike: {alike}): under tensor "
+            "parallelism every rank makes the same call, with the same prompt, images and settings, and reads "
+            "a stream to the same point"
+        )
 
 
 def shared_seed(model: nn.Module, seed: int | None) -> int | None:
@@ -276,11 +363,20 @@ def shared_seed(model: nn.Module, seed: int | None) -> int | None:
 
 
 def from_rank0(model: nn.Module, read):
-    """`read()` on rank 0, its value sent to every rank (a chat's typed line: only rank 0 reads the
-    terminal). One process: read() as it is."""
+    """`read()` on rank 0, its value (or the exception it raised) sent to every rank: a chat's typed
+    line and its images, which only rank 0's terminal and disk are sure to have. Patient: the user
+    may take their time. One process: read() as it is."""
     shard = getattr(model, "tensor_parallel", None)
     if shard is None:
         return read()
-    box = [read() if shard.rank == 0 else None]
-    collective(dist.broadcast_object_list, box, 0)
-    return box[0]
+    box: list = [None]
+    if shard.rank == 0:
+        try:
+            box = [(True, read())]
+        except Exception as e:  # every rank raises it (a bad image path is the chat's to report)
+            box = [(False, e)]
+    collective(dist.broadcast_object_list, box, 0, patient=True)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

@@ -146,7 +146,7 @@ import os, signal, sys, torch, torch.distributed as dist, minivlm
 from minivlm.generation import generate_steps, StopRules
 dist.init_process_group("gloo")
 model = minivlm.load_model(sys.argv[1], tensor_parallel=True)
-ids = torch.randint(0, 200, (1, 8))
+ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))  # the same prompt on every rank
 try:
     for i, _ in enumerate(generate_steps(model, ids, max_new_tokens=400, stop=StopRules(set()))):
         if i == 5 and dist.get_rank() == 1:
@@ -165,3 +165,99 @@ def test_a_killed_rank_ends_the_others(checkpoints, tmp_path):
     assert done.returncode != 0 and time.monotonic() - start < 30
     # rank 0 says why, or torchrun ended it first and names the signal that killed rank 1
     assert "another process of the tensor-parallel group stopped" in done.stderr or "SIGKILL" in done.stderr
+
+
+CLOCKS = """
+import json, os, sys, time, torch, torch.distributed as dist, minivlm
+from minivlm.parallel import ParallelError, from_rank0, join_group
+from minivlm.generation import generate_steps, StopRules
+
+shard = join_group(torch.device("cpu"))  # MINIVLM_DIST_TIMEOUT=2: the steps' clock
+said = {}
+if shard.rank == 1:
+    time.sleep(5)  # a slow load, longer than a step may take: waited for
+model = minivlm.load_model(sys.argv[1], tensor_parallel=True)
+ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+said["tokens"] = minivlm.generate(model, ids, max_new_tokens=4).tolist()
+said["typed"] = from_rank0(model, lambda: time.sleep(5) or f"typed on rank {shard.rank}")  # a slow user
+try:
+    from_rank0(model, lambda: minivlm.processing.image.load_image(sys.argv[2]))
+except minivlm.processing.image.ImageError as e:
+    said["image"] = str(e)
+try:
+    minivlm.generate(model, ids[:, : 8 - shard.rank], max_new_tokens=4)  # rank 1 has a shorter prompt
+except ParallelError as e:
+    said["different"] = str(e)
+try:
+    for i, _ in enumerate(generate_steps(model, ids, max_new_tokens=50, stop=StopRules(set()))):
+        if i == 3 and shard.rank == 1:
+            time.sleep(6)  # a hung rank, in step
+except ParallelError as e:
+    said["hung"] = str(e)
+print(json.dumps(said), file=open(os.path.join(sys.argv[3], f"rank{shard.rank}.json"), "w"))
+"""
+
+
+def test_waits_that_are_not_hangs_and_a_hung_step(checkpoints, tmp_path):
+    """Two clocks: a rank loading 5 s later and a chat user typing 5 s later are waited for, with
+    MINIVLM_DIST_TIMEOUT=2; a rank silent for 6 s inside generation ends rank 0 with one error.
+    What rank 0 reads (a line, an image file that fails) reaches every rank; ranks that call
+    generate with different prompts are told so."""
+    script = tmp_path / "clocks.py"
+    script.write_text(CLOCKS)
+    alone = minivlm.generate(
+        minivlm.load_model(checkpoints["llama"]),
+        torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0)),
+        max_new_tokens=4,
+    )
+    done = torchrun(2, script, checkpoints["llama"], tmp_path / "missing.png", tmp_path, MINIVLM_DIST_TIMEOUT="2")
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [s["tokens"] for s in said] == [alone.tolist()] * 2, done.stderr[-3000:]
+    assert [s["typed"] for s in said] == ["typed on rank 0"] * 2
+    assert said[0]["image"] == said[1]["image"] and "missing.png" in said[0]["image"]
+    assert all("different inputs" in s["different"] and "alike: rank 0; rank 1" in s["different"] for s in said)
+    assert "stayed silent past its timeout" in said[0]["hung"]
+
+
+def test_chat_under_torchrun_answers_as_one_process(checkpoints, tmp_path, monkeypatch, capsys):
+    """Rank 0 reads the lines and the /image file and sends them; the answers are one process's."""
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (60, 40), (200, 30, 60)).save(image)
+    typed = f"/image {image}\nWhat is it?\nAnd now?\n"
+    command = ["chat", "--model", str(checkpoints["llava-next"]), "--max-new-tokens", "6"]
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(typed))
+    assert main(command) in (0, None)
+    alone = capsys.readouterr().out
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run(
+            [*TORCHRUN, "--nproc-per-node", "2", "-m", "minivlm", *command],
+            input=typed, capture_output=True, text=True, timeout=300, env={**environment, "TMPDIR": scratch},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == alone and alone.count("\n") == 2
+
+
+def test_timeouts_fingerprints_and_serve_refused(checkpoints, tmp_path, monkeypatch, capsys):
+    from minivlm.parallel import ParallelError, fingerprint, step_timeout
+
+    for bad in ("abc", "inf", "nan", "0", "-5"):
+        monkeypatch.setenv("MINIVLM_DIST_TIMEOUT", bad)
+        with pytest.raises(ParallelError, match="MINIVLM_DIST_TIMEOUT"):
+            step_timeout(20)
+    monkeypatch.setenv("MINIVLM_DIST_TIMEOUT", "2.5")
+    assert step_timeout(20) == 2.5
+    # What the ranks compare: the files minivlm reads beside the weights, not a README.
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in checkpoints["llava-next"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    before = fingerprint(folder)
+    (folder / "README.md").write_text("notes")
+    assert fingerprint(folder) == before
+    config = folder / "generation_config.json"
+    config.write_text(config.read_text().replace("{", '{"eos_token_id": 5,', 1))
+    assert fingerprint(folder) != before
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--model", str(folder)]) == 1
+    assert "tensor-parallel serving is not built" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def add_parser(sub) -> None:
 
 
 def run_serve(args) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would load a whole model and bind the port
+        raise APIError(
+            400,
+            "serve runs in one process: tensor-parallel serving is not built; under torchrun each rank "
+            "would load the whole model. Run `python -m minivlm serve` without torchrun (tensor "
+            "parallelism serves generate and chat)",
+        )
     try:
         import uvicorn
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..generation import defaults_of
-from ..parallel import join_group
+from ..parallel import join_group, meet, steps_group
 from .data import Example, check_examples, collate, encode
 from .labels import IGNORE
 from .lora import LoraConfig, apply_lora, lora_layers
@@ -163,7 +163,8 @@ class World:
 
 def join_world(device: torch.device) -> World:
     """The torchrun process group (parallel.join_group), joined once; one process: no group.
-    A rank that dies makes the others fail within MINIVLM_DIST_TIMEOUT seconds (60), not hang."""
+    A rank silent in a step makes the others fail within MINIVLM_DIST_TIMEOUT seconds (60), not
+    hang; loading, checking and rank 0's writing of a state file are waited for patiently."""
     shard = join_group(device, timeout=60)
     return World() if shard is None else World(shard.rank, shard.world)
 
@@ -171,7 +172,7 @@ def join_world(device: torch.device) -> World:
 def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
         try:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=steps_group())  # in step: a silent peer is hung
         except RuntimeError as e:  # a rank that stopped: its own error is above, this one says so
             raise TrainError(f"rank {world.rank}: another process stopped, so training cannot go on ({e})") from None
     return value
@@ -241,6 +242,8 @@ def train(
     pad_id, eos = pad_token_id(processor), end_token(model, processor)
     max_length = defaults_of(model).max_positions
     check_examples(processor, [*examples, *eval_examples], eos, max_length)  # every example, before any step
+    if world.size > 1:
+        meet()  # the slowest rank's loading and checking is not a hang: from here the ranks run in step
     progress = Progress(total, enabled=config.log and world.main)
     model.train()
     try:
@@ -299,6 +302,8 @@ def train(
                     config,
                     world,
                 )
+            if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.size > 1:
+                meet()  # the others wait for rank 0's writing (minutes for a large model) patiently
     finally:
         progress.close()
         model.eval()
