@@ -292,7 +292,8 @@ def train(
                 model.train()
             state.history.append(record)
             progress.update(record)
-            if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.main:
+            saving = config.save_every and (state.step % config.save_every == 0 or state.step == total)
+            if saving and world.main:
                 save_state(
                     Path(config.state_dir) / f"step-{state.step}.safetensors",
                     model,
@@ -302,7 +303,7 @@ def train(
                     config,
                     world,
                 )
-            if config.save_every and (state.step % config.save_every == 0 or state.step == total) and world.size > 1:
+            if saving and world.size > 1:
                 meet()  # the others wait for rank 0's writing (minutes for a large model) patiently
     finally:
         progress.close()
