@@ -175,11 +175,11 @@ from minivlm.generation import generate_steps, StopRules
 shard = join_group(torch.device("cpu"))  # MINIVLM_DIST_TIMEOUT=2: the steps' clock
 said = {}
 if shard.rank == 1:
-    time.sleep(5)  # a slow load, longer than a step may take: waited for
+    time.sleep(3.5)  # a slow load, longer than a step may take: waited for
 model = minivlm.load_model(sys.argv[1], tensor_parallel=True)
 ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
 said["tokens"] = minivlm.generate(model, ids, max_new_tokens=4).tolist()
-said["typed"] = from_rank0(model, lambda: time.sleep(5) or f"typed on rank {shard.rank}")  # a slow user
+said["typed"] = from_rank0(model, lambda: time.sleep(3.5) or f"typed on rank {shard.rank}")  # a slow user
 try:
     from_rank0(model, lambda: minivlm.processing.image.load_image(sys.argv[2]))
 except minivlm.processing.image.ImageError as e:
@@ -191,7 +191,7 @@ except ParallelError as e:
 try:
     for i, _ in enumerate(generate_steps(model, ids, max_new_tokens=50, stop=StopRules(set()))):
         if i == 3 and shard.rank == 1:
-            time.sleep(6)  # a hung rank, in step
+            time.sleep(4.5)  # a hung rank, in step
 except ParallelError as e:
     said["hung"] = str(e)
 print(json.dumps(said), file=open(os.path.join(sys.argv[3], f"rank{shard.rank}.json"), "w"))
@@ -199,8 +199,8 @@ print(json.dumps(said), file=open(os.path.join(sys.argv[3], f"rank{shard.rank}.j
 
 
 def test_waits_that_are_not_hangs_and_a_hung_step(checkpoints, tmp_path):
-    """Two clocks: a rank loading 5 s later and a chat user typing 5 s later are waited for, with
-    MINIVLM_DIST_TIMEOUT=2; a rank silent for 6 s inside generation ends rank 0 with one error.
+    """Two clocks: a rank loading 3.5 s later and a chat user typing 3.5 s later are waited for,
+    with MINIVLM_DIST_TIMEOUT=2; a rank silent for 4.5 s inside generation ends rank 0 with one error.
     What rank 0 reads (a line, an image file that fails) reaches every rank; ranks that call
     generate with different prompts are told so."""
     script = tmp_path / "clocks.py"
