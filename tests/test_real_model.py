@@ -111,3 +111,17 @@ def test_command_line_and_conversation_answer_as_transformers(folder, pair, caps
     conversation = Conversation(ours, minivlm.load_processor(folder), max_new_tokens=NEW)
     assert "".join(conversation.say(PROMPTS[0])) == expected
     assert "".join(conversation.say("And of Italy?"))  # a second turn renders and answers
+
+
+def test_the_fast_path_answers_as_transformers(folder, pair):
+    """The default path (torch's SDPA; the decode step reading only the filled slots of a cache
+    made for a long answer) gives transformers' greedy tokens on trained weights too."""
+    theirs, _ = pair
+    fast = minivlm.load_model(folder, dtype=torch.float32, kernels="auto")
+    processor = minivlm.load_processor(folder)
+    inputs = processor(text=processor.apply_chat_template(chat(PROMPTS[1]), add_generation_prompt=True))
+    expected = theirs.generate(**inputs, max_new_tokens=NEW, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    steps = minivlm.generation.generate_steps(fast, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=4096)
+    got = [int(token) for token, _ in (next(steps) for _ in range(NEW))]  # room for 4096, 20 taken
+    steps.close()
+    assert got == expected[0].tolist()
