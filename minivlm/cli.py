@@ -250,11 +250,11 @@ def run_chat(args) -> None:
     from .parallel import ParallelError
 
     model, processor = _load(args)
-    if model.tensor_parallel is None:
-        return _chat_loop(args, model, processor)
     try:
         return _chat_loop(args, model, processor)
     except KeyboardInterrupt:
+        if model.tensor_parallel is None:
+            raise
         sys.stdout.write("\n")
         sys.stdout.flush()
         log("minivlm: interrupted; under tensor parallelism Ctrl-C ends the chat (the ranks cannot resume in step)")

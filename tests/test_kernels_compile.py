@@ -131,6 +131,9 @@ def launches(dtypes):
     return caught
 
 
+_COMPILED: dict = {}  # compile_launch's results by specialisation
+
+
 def compile_launch(kernel, args, kwargs, arch: int):
     """The launch compiled for sm_`arch` with the runtime's specialisation of these arguments, and
     ptxas's report on it (registers, stack frame, spill stores and loads)."""
@@ -167,9 +170,6 @@ def compile_launch(kernel, args, kwargs, arch: int):
             knobs.cache.dir = previous
     _COMPILED[key] = compiled, usage(log.getvalue())
     return _COMPILED[key]
-
-
-_COMPILED: dict = {}  # compile_launch's results by specialisation
 
 
 def usage(ptxas_log: str) -> dict:
