@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -46,7 +45,7 @@ class Linear(Connector):
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()
-        self.proj = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
+        self.proj = ops.Linear(config.in_dim, config.out_dim, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -58,8 +57,8 @@ class MLP2xGELU(Connector):
     def __init__(self, config: ConnectorConfig):
         super().__init__()
         self.act = config.act
-        self.linear_1 = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
-        self.linear_2 = nn.Linear(config.out_dim, config.out_dim, bias=config.bias)
+        self.linear_1 = ops.Linear(config.in_dim, config.out_dim, bias=config.bias)
+        self.linear_2 = ops.Linear(config.out_dim, config.out_dim, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(ops.activation(self.act, self.linear_1(x)))
@@ -93,7 +92,7 @@ class PixelShuffle(Connector):
     def __init__(self, config: ConnectorConfig):
         super().__init__()
         self.scale = config.scale_factor
-        self.proj = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
+        self.proj = ops.Linear(config.in_dim, config.out_dim, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(pixel_shuffle(x, self.scale))
@@ -126,7 +125,7 @@ class PackedAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = ops.Linear(dim, dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid: torch.Tensor | None) -> torch.Tensor:
         """q (n, queries, d), k and v (n, keys, d), kv_valid (n, keys) bool or None -> (n, queries, d)."""
@@ -137,9 +136,9 @@ class PackedAttention(nn.Module):
             return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         out = ops.attention(
-            heads(F.linear(q, w_q, b_q)),
-            heads(F.linear(k, w_k, b_k)),
-            heads(F.linear(v, w_v, b_v)),
+            heads(ops.linear(q, w_q, b_q, self.kernels)),
+            heads(ops.linear(k, w_k, b_k, self.kernels)),
+            heads(ops.linear(v, w_v, b_v, self.kernels)),
             causal=False,
             kv_valid=kv_valid,
             kernels=self.kernels,
@@ -158,7 +157,7 @@ class Resampler(Connector):
         super().__init__()
         dim = config.out_dim
         self.query = nn.Parameter(torch.empty(config.num_queries, dim))
-        self.kv_proj = nn.Linear(config.in_dim, dim, bias=False) if config.in_dim != dim else nn.Identity()
+        self.kv_proj = ops.Linear(config.in_dim, dim, bias=False) if config.in_dim != dim else nn.Identity()
         self.attn = PackedAttention(dim, config.num_heads)
         self.ln_q = LayerNorm(dim, eps=1e-6)
         self.ln_kv = LayerNorm(dim, eps=1e-6)

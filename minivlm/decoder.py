@@ -137,10 +137,10 @@ class Attention(nn.Module):
             config.num_heads * config.head_dim,
             config.num_kv_heads * config.head_dim,
         )
-        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        self.q_proj = ops.Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = ops.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = ops.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = ops.Linear(q_dim, hidden, bias=config.o_bias)
 
     def forward(
         self,
@@ -179,9 +179,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = ops.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = ops.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = ops.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -297,7 +297,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ops.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.kernels = ops.set_kernels(self, kernels)  # the choice, made once here

@@ -217,6 +217,7 @@ def parallel_build(folder, family: Family, config, kernels: str, quant):
     def build():
         model = family.module(local_model, kernels)
         parallel.split_decoder(getattr(model, "language_model", model), text, shard)
+        ops.set_kernels(model, kernels)  # the split layers swapped in take the model's path too
         return model
 
     prefix = "" if text is config else "language_model."

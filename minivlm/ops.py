@@ -9,7 +9,8 @@ Two paths, as the calling module's `kernels` choice says:
   "off":  the reference: these definitions, everywhere. Parity is measured on it.
   "auto": the fast path, the default: minivlm's Triton kernels (`minivlm.kernels`) for RMSNorm,
           LayerNorm, RoPE and attention on CUDA tensors when triton imports; elsewhere attention
-          runs torch's scaled_dot_product_attention (`sdpa_attention`) and the rest as defined here;
+          runs torch's scaled_dot_product_attention (`sdpa_attention`), fp32 linear layers on the
+          CPU oneDNN's matmul (`linear`), and the rest as defined here;
   "on":   the Triton kernels, even for CPU tensors, which triton runs only under
           TRITON_INTERPRET=1 (slowly: that is for tests).
 A model makes the choice once, when it is built or loaded (`load_model(kernels=...)`, else the
@@ -25,6 +26,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import RopeConfig
 
@@ -346,6 +348,73 @@ def sdpa_attention(
     if allowed is not None:
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # (batch or 1, 1, q_len, kv_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=grouped)
+
+
+# Whether this torch has oneDNN's matmul op (`torch.ops.mkldnn._linear_pointwise`, what inductor's
+# CPU backend calls for frozen linears). Asked once here: torch.compile cannot trace the asking.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# oneDNN's call costs about 12 us more than F.linear's: below about half a million multiply-adds
+# F.linear is as fast or faster (scripts/linear_paths.py --small measures where they cross).
+ONEDNN_MIN_MACS = 1 << 19
+
+
+def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fast path hands this product to oneDNN: fp32 on the CPU, large enough to pay for
+    the call, nothing recording. (bf16 products already go to oneDNN through F.linear; the op has
+    no backward of its own.)"""
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and weight.dim() == 2
+        and x.numel() // max(x.shape[-1], 1) * weight.numel() >= ONEDNN_MIN_MACS
+        and not recording
+        and _ONEDNN
+    )
+
+
+@torch.library.custom_op("minivlm::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul as one opaque op for torch.compile: inductor's own lowering of
+    `_linear_pointwise` takes the weight for a frozen constant, which a compiled decode step's
+    parameters are not."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: str = "auto"
+) -> torch.Tensor:
+    """nn.Linear's product: x (..., in) -> (..., out).
+
+    The reference is F.linear, which on the CPU runs MKL's sgemm. The fast path runs fp32 products
+    on the CPU through oneDNN instead, on the same weights (no copy, no new layout): on an AMD EPYC
+    MKL takes code paths slower than its Intel ones, and oneDNN's matmul was 2.0x faster for a
+    decode step's projections and 2.1x for a prefill's (BENCHMARKS.md, "Linear layers"). The sums
+    run in another order, so the result is not bit-equal to F.linear (tests/test_fast_path.py
+    measures how close).
+    """
+    if kernels != "off" and _onednn_fits(x, weight, bias):
+        if torch.compiler.is_compiling():
+            return _onednn_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear on the model's path (`linear`): the same parameters, names and state dict."""
+
+    kernels = "auto"  # set_kernels: the model's path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.kernels)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

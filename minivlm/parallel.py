@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import TextConfig
 
 
@@ -202,12 +203,12 @@ def meet() -> None:
     collective(dist.barrier, patient=True)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(ops.Linear):
     """A linear layer holding columns [start, stop) of the full weight: the partial products of every
     rank are summed (one all-reduce), then the bias is added once."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = ops.linear(x, self.weight, None, self.kernels)
         collective(dist.all_reduce, out)
         return out if self.bias is None else out + self.bias
 
@@ -229,7 +230,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return out
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(ops.Linear):
     """lm_head rows [start, start + out_features): each rank's logits, gathered into the whole
     vocabulary's (the padding past `vocab` cut off)."""
 
@@ -238,7 +239,7 @@ class VocabParallelHead(nn.Linear):
         self.vocab, self.world = vocab, world
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight).contiguous()
+        local = ops.linear(x, self.weight, None, self.kernels).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
         collective(dist.all_gather, parts, local)
         return torch.cat(parts, dim=-1)[..., : self.vocab]

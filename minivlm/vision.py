@@ -76,10 +76,10 @@ class Attention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.hidden_size // config.num_heads
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = ops.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = ops.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = ops.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = ops.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, kv_valid: torch.Tensor | None) -> torch.Tensor:
         n, seq, hidden = x.shape
@@ -95,8 +95,8 @@ class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.act = config.hidden_act
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = ops.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = ops.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(ops.activation(self.act, self.fc1(x)))

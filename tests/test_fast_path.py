@@ -1,6 +1,8 @@
 """The fast path (kernels="auto", the default) off CUDA: attention through torch's
-scaled_dot_product_attention instead of ops.py's eager definition. Not bit-equal to the reference
-(the fused kernel sums in another order), so measured against transformers' eager models:
+scaled_dot_product_attention instead of ops.py's eager definition, and fp32 linear layers through
+oneDNN's matmul instead of F.linear. Not bit-equal to the reference (the fused kernels sum in
+another order), so measured against transformers' eager models and float64:
+- each linear product at real shapes against float64, next to F.linear's own error;
 - attention alone against the definition, at the real shapes (729 tokens at head_dim 72, 577 at
   64, GQA 7:1 and 8:1, decode against a long cache, left padding, a sliding window);
 - every tiny family's logits of a left-padded batch with images, on the real positions, within
@@ -136,3 +138,59 @@ def test_an_eager_decode_step_reads_only_the_filled_slots(tmp_path, monkeypatch)
     assert len(read) == model.config.num_layers * (new - 1)  # the first token comes from the prefill
     assert all(length == slot + 1 for length, slot in read)  # up to and including the new token's slot
     assert max(length for length, _ in read) == ids.shape[1] + new - 1  # the cache holds one slot more
+
+
+LINEAR_SHAPES = [  # (rows of x, in, out), the products a real model runs
+    (1, 896, 4864),  # Qwen2-0.5B's gate/up_proj, one decode step
+    (1, 4864, 896),  # its down_proj
+    (3, 896, 151646 // 16),  # a batch of three decode steps through a slice of its lm_head
+    (729, 1152, 4304),  # SigLIP so400m's fc1 over one image
+    (61, 4096, 1024),  # Llama-3-8B's k_proj over a prefill (GQA 8:1)
+]
+
+
+@pytest.mark.skipif(not ops._ONEDNN, reason="this torch has no oneDNN matmul")
+@pytest.mark.parametrize("rows,fan_in,fan_out", LINEAR_SHAPES, ids=str)
+def test_the_fast_linear_is_onednn_and_fp32_exact(rows, fan_in, fan_out):
+    """fp32 on the CPU: the fast path's product is oneDNN's, the reference's is F.linear (MKL).
+    Against the float64 product both are fp32 rounding: a relative error (of the whole output's
+    norm) of a few float32 ulps (2^-23 = 1.2e-7). Measured here: oneDNN 1.4-4.1e-7, MKL 1.8-4.5e-7;
+    a product computed in bf16 would be near 4e-3."""
+    g = torch.Generator().manual_seed(rows + fan_in)
+    x = torch.randn(rows, fan_in, generator=g)
+    weight = torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
+    bias = torch.randn(fan_out, generator=g)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    fast, reference = ops.linear(x, weight, bias, "auto"), ops.linear(x, weight, bias, "off")
+    assert torch.equal(reference, torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(fast, torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+    fast_err, reference_err = ((out.double() - exact).norm() / exact.norm() for out in (fast, reference))
+    assert fast_err < 1e-6 and reference_err < 1e-6, (fast_err, reference_err)
+
+
+def test_a_small_product_stays_with_f_linear():
+    """oneDNN's call costs more than a product under ops.ONEDNN_MIN_MACS multiply-adds takes."""
+    x, weight = torch.randn(1, 256), torch.randn(512, 256)  # 131,072 multiply-adds
+    with torch.no_grad():
+        assert torch.equal(ops.linear(x, weight, None, "auto"), torch.nn.functional.linear(x, weight))
+
+
+@pytest.mark.skipif(not ops._ONEDNN, reason="this torch has no oneDNN matmul")
+def test_the_fast_linear_leaves_training_bf16_and_compile_as_they_were():
+    """Where autograd records (the op has no backward of its own) and in bf16 (F.linear already
+    goes to oneDNN), the product is F.linear's; compiled, it stays oneDNN's, in one graph."""
+    layer = ops.Linear(256, 512)  # 10 rows x 256 x 512: past ops.ONEDNN_MIN_MACS
+    x = torch.randn(2, 5, 256)
+    trained = layer(x.requires_grad_())
+    assert torch.equal(trained, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    trained.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.ones(512, 10) @ x.detach().reshape(10, 256))
+    half = ops.Linear(256, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(half(x.bfloat16()), torch.nn.functional.linear(x.bfloat16(), half.weight, half.bias))
+        eager = layer(x)
+        assert torch.equal(eager, torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], ""))
+        explained = torch._dynamo.explain(layer)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(layer)(x), eager)

@@ -15,9 +15,10 @@ always (its SDPA attention, eager).
 Then the decode roofline for the device: the bytes of weights one decode step reads (every decoder
 layer, the final norm and the output projection; one embedding row is negligible) against two
 rates measured here on buffers far larger than the caches: the read bandwidth of a reduction, and
-the rate of torch's own float32 matrix-vector product, which is what a decode step's projections
-run (on a CPU it reads well under the reduction's bandwidth). Both are upper bounds: the KV cache,
-activations and per-op overhead come on top.
+the rate of a float32 matrix-vector product, which is what a decode step's projections run: F.linear
+(transformers', and minivlm's reference path) and minivlm's fast path (ops.linear: on a CPU oneDNN's
+matmul, which on an AMD EPYC reads about twice as fast as MKL's behind F.linear). All are upper
+bounds: the KV cache, activations and per-op overhead come on top.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 
 import torch
 
+from .. import ops
 from ..generation import GenerationDefaults, generate
 from ..generation_checks import cache_bytes
 from .timing import call_times, time_call
@@ -100,9 +102,11 @@ def bench_generate(args: argparse.Namespace) -> None:
     ours_rate, theirs_rate = statistics.median(decode["minivlm"]), statistics.median(decode["transformers"])
     print(f"decode reads {weight_bytes / 2**30:.2f} GiB of weights a token (and the KV cache: "
           f"{cache_bytes(ours, 1, cache.length)[0] / 2**20:.0f} MiB at the end here)")  # fmt: skip
+    mib = BANDWIDTH_BYTES // 2**20
     for what, bandwidth in (
-        (f"read bandwidth (a sum over {BANDWIDTH_BYTES // 2**20} MiB)", read_bandwidth(args.device)),
-        (f"torch's matrix-vector product ({BANDWIDTH_BYTES // 2**20} MiB of weights)", gemv_bandwidth(args.device)),
+        (f"read bandwidth (a sum over {mib} MiB)", read_bandwidth(args.device)),
+        (f"F.linear's matrix-vector product ({mib} MiB of weights)", gemv_bandwidth(args.device, "off")),
+        (f"minivlm's fast path's matrix-vector product ({mib} MiB)", gemv_bandwidth(args.device, "auto")),
     ):
         roofline = bandwidth / weight_bytes
         print(f"  {what}: {bandwidth / 1e9:.1f} GB/s, roofline {roofline:.1f} tokens/s; minivlm at "
@@ -133,10 +137,11 @@ def read_bandwidth(device: str) -> float:
     return BANDWIDTH_BYTES / time_call(buf.sum, 5, device)
 
 
-def gemv_bandwidth(device: str) -> float:
-    """Bytes of weights per second that one float32 matrix-vector product over 512 MiB reads: the
-    rate a decode step's projections can reach with torch's own kernels (on a CPU, well under the
-    read bandwidth a reduction gets)."""
+def gemv_bandwidth(device: str, kernels: str) -> float:
+    """Bytes of weights per second that one float32 matrix-vector product over 512 MiB reads, on the
+    path `kernels` names (ops.linear: "off" is F.linear): the rate a decode step's projections can
+    reach there (on a CPU, under the read bandwidth a reduction gets). Best of 5."""
     weight = torch.ones(BANDWIDTH_BYTES // 4 // 1024, 1024, dtype=torch.float32, device=device)
     x = torch.ones(1, 1024, dtype=torch.float32, device=device)
-    return BANDWIDTH_BYTES / time_call(lambda: torch.nn.functional.linear(x, weight), 5, device)
+    with torch.no_grad():
+        return BANDWIDTH_BYTES / time_call(lambda: ops.linear(x, weight, None, kernels), 5, device)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import ops
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,7 +54,7 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-class LoraLinear(nn.Linear):
+class LoraLinear(ops.Linear):
     """A linear layer with a LoRA update beside its (frozen) weight."""
 
     def __init__(self, base: nn.Linear, config: LoraConfig):
@@ -66,13 +67,18 @@ class LoraLinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
+        self.kernels = getattr(base, "kernels", "auto")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return (
+            ops.linear(x, self.weight, self.bias, self.kernels)
+            + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        )
 
-    def merged(self) -> nn.Linear:
+    def merged(self) -> ops.Linear:
         """A plain linear layer whose weight is W + B A * scaling (computed in fp32, stored in W's dtype)."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer = ops.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.kernels = self.kernels
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
         layer.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
         layer.bias = self.bias
@@ -96,7 +102,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in list(decoder.named_modules()):
         owner, _, attr = name.rpartition(".")
         if attr in config.targets:
-            if type(module) is not nn.Linear:  # a quantized layer has no float weight to add to
+            if not isinstance(module, nn.Linear):  # a quantized layer has no float weight to add to
                 raise LoraError(
                     f"{prefix}.{name} is a {type(module).__name__}; LoRA goes on a full-precision nn.Linear"
                 )
