@@ -289,7 +289,7 @@ class TextModel(nn.Module):
         return self.norm(x)
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(ops.ModelWithPath):
     """A text-only checkpoint (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): ids -> logits."""
 
     def __init__(self, config: TextConfig, kernels: str | bool | None = None):

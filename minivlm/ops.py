@@ -80,6 +80,18 @@ def check_kernels_device(kernels: str, device: torch.device) -> None:
         )
 
 
+class ModelWithPath(nn.Module):
+    """A model's top class (VisionLanguageModel, DecoderLM): it holds the path chosen at load in
+    `kernels`, and a module assigned to it afterwards (a swapped connector, `model.multi_modal_projector
+    = build_connector(...)`) takes that path too, as the modules built with it did. (A module
+    swapped in deeper needs `set_kernels(model, model.kernels)`.)"""
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and isinstance(self.__dict__.get("kernels"), str):
+            set_kernels(value, self.kernels)
+
+
 def set_kernels(model: torch.nn.Module, kernels: str | bool | None = None) -> str:
     """Give every module of `model` that calls an op here (those with a `kernels` attribute) the
     choice; returns it."""

@@ -21,7 +21,7 @@ from .processing.geometry import anyres_grid, unpadded_size
 from .vision import VisionTower
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(ops.ModelWithPath):
     """The parts every family shares, and the merge of image features into the token embeddings.
     A family's class defines `image_features`: its pixel inputs -> one feature sequence per image."""
 

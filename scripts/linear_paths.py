@@ -1,12 +1,13 @@
 """The linear layers' two paths on this CPU: F.linear (MKL's sgemm: transformers', and minivlm's
-reference path) against ops.linear's fast path (oneDNN's matmul), over the fp32 weights of one
-llava-interleave-qwen-0.5b decoder (Qwen2-0.5B: 24 layers of q/k/v/o and gate/up/down, and the
-151,646 x 896 output projection) and one SigLIP so400m tower (27 layers of q/k/v/out and fc1/fc2).
+reference path) against ops.linear's fast path (oneDNN's matmul), over the fp32 weights of
+llava-interleave-qwen-0.5b (`bench generate --preset interleave-0.5b`): its decoder (Qwen1.5-0.5B:
+24 layers of q/k/v/o at 1024 x 1024 and gate/up/down at 1024 x 2816, and the 151,646 x 1024
+output projection) and its SigLIP so400m tower (26 layers of q/k/v/out and fc1/fc2).
 
     python scripts/linear_paths.py [--small]
 
 Random weights; each row times every product of the model once per run, for 1 row (a decode
-step), 4 rows (a batch of four decode steps) and a prefill's rows (760: one image and 31 text
+step), 4 rows (a batch of four decode steps) and a prefill's rows (761: one image and 32 text
 tokens; 729 for the tower), both paths alternating in one process; median [min-max] of the runs,
 and the weights' bytes read per second. --small instead times single products of small square
 weights, where oneDNN's longer call decides (ops.ONEDNN_MIN_MACS: below it the fast path keeps
@@ -21,10 +22,9 @@ import torch
 
 from minivlm import ops
 
-DECODER = [(896, 896), (128, 896), (128, 896), (896, 896), (4864, 896), (4864, 896), (896, 4864)] * 24
-DECODER += [(151646, 896)]  # the output projection, once
-TOWER = [(1152, 1152)] * 4 + [(4304, 1152), (1152, 4304)]
-TOWER = TOWER * 27
+DECODER = [(1024, 1024)] * 4 + [(2816, 1024), (2816, 1024), (1024, 2816)]  # (out, in) of one layer
+DECODER = DECODER * 24 + [(151646, 1024)]  # the output projection, once
+TOWER = ([(1152, 1152)] * 4 + [(4304, 1152), (1152, 4304)]) * 26
 
 
 def products(shapes, rows: int, kernels: str, weights):
@@ -68,7 +68,7 @@ def main() -> None:
     if "--small" in sys.argv:
         return crossover()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN matmul: {ops._ONEDNN}")
-    for name, shapes, prefill, repeats in (("decoder", DECODER, 760, 3), ("SigLIP tower", TOWER, 729, 3)):
+    for name, shapes, prefill, repeats in (("decoder", DECODER, 761, 3), ("SigLIP tower", TOWER, 729, 3)):
         weights = [torch.randn(fan_out, fan_in) / fan_in**0.5 for fan_out, fan_in in shapes]
         gigabytes = sum(w.numel() for w in weights) * 4 / 1e9
         for rows in (1, 4, prefill) if name == "decoder" else (prefill,):

@@ -20,6 +20,7 @@ from test_vlm import FP32_TOL, batch, rel_err
 import minivlm
 from minivlm import ops
 from minivlm.bench.tiny.models import TEXT_CONFIGS, VLM_CONFIGS, build_text_model, build_vlm_model, save_checkpoint
+from minivlm.connector import build_connector
 
 SHAPES = [  # (batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window)
     (1, 16, 16, 729, 729, 72, False, None),  # SigLIP so400m
@@ -109,11 +110,23 @@ def test_text_model_on_the_fast_path_matches_transformers(name, tmp_path):
 
 
 def test_the_reference_path_is_the_definition(tmp_path, monkeypatch):
-    """kernels="off" never reaches torch's SDPA (so the parity tests measure the definition)."""
+    """kernels="off" never reaches torch's SDPA nor oneDNN's matmul (so the parity tests measure
+    the definition)."""
     monkeypatch.setattr(ops, "sdpa_attention", lambda *a, **k: pytest.fail("the reference ran SDPA"))
+    monkeypatch.setattr(ops, "_onednn_fits", lambda *a, **k: pytest.fail("the reference asked for oneDNN"))
     model = minivlm.load_model(save_checkpoint(build_text_model("llama"), tmp_path, layout="hub"), kernels="off")
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_module_swapped_into_a_loaded_model_takes_its_path(tmp_path):
+    """A connector assigned to a loaded model (the README's recipe, notebook 5) runs the path the
+    model was loaded with, not the class default, as the modules built with the model do."""
+    folder = save_checkpoint(build_vlm_model("llava_interleave"), tmp_path, layout="hub")
+    for choice in ("off", "auto"):
+        model = minivlm.load_model(folder, kernels=choice)
+        model.multi_modal_projector = build_connector(model.config.connector)
+        assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {choice}
 
 
 def test_an_eager_decode_step_reads_only_the_filled_slots(tmp_path, monkeypatch):
