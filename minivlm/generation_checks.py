@@ -86,14 +86,14 @@ def check_context(prompt_len: int, max_new_tokens: int, defaults: GenerationDefa
 
 
 def check_prompt(input_ids, max_new_tokens: int, defaults: GenerationDefaults, past: int = 0) -> int:
-    """input_ids a (batch, length > 0) tensor; returns max_new_tokens cut to the context (check_context)."""
+    """input_ids a (batch > 0, length > 0) tensor; returns max_new_tokens cut to the context (check_context)."""
     check_max_new_tokens(max_new_tokens)
     if not isinstance(input_ids, torch.Tensor):
         raise GenerationError(
             f"input_ids is a {type(input_ids).__name__}; expected a tensor of token ids (batch, length)"
         )
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt length > 0)")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch > 0, prompt length > 0)")
     return check_context(input_ids.shape[1], max_new_tokens, defaults, past)
 
 

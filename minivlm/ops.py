@@ -25,6 +25,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -82,12 +83,27 @@ def check_kernels_device(kernels: str, device: torch.device) -> None:
 
 class ModelWithPath(nn.Module):
     """A model's top class (VisionLanguageModel, DecoderLM): it holds the path chosen at load in
-    `kernels`, and a module assigned to it afterwards (a swapped connector, `model.multi_modal_projector
-    = build_connector(...)`) takes that path too, as the modules built with it did. (A module
-    swapped in deeper needs `set_kernels(model, model.kernels)`.)"""
+    `kernels`. A module assigned to it afterwards (a swapped connector, `model.multi_modal_projector
+    = build_connector(...)`, or add_module) takes that path too, as the modules built with it did,
+    and `model.kernels = "off"` switches every module. (A module swapped in deeper, into a layer,
+    needs `set_kernels(model, model.kernels)`.)"""
 
     def __setattr__(self, name: str, value) -> None:
+        if name == "kernels":  # the choice itself: checked, and handed to every module
+            value = kernels_choice(value)
+            super().__setattr__(name, value)
+            for module in self.modules():
+                if module is not self and hasattr(module, "kernels"):
+                    module.kernels = value
+            return
         super().__setattr__(name, value)
+        self._adopt(value)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        super().add_module(name, module)
+        self._adopt(module)
+
+    def _adopt(self, value) -> None:
         if isinstance(value, nn.Module) and isinstance(self.__dict__.get("kernels"), str):
             set_kernels(value, self.kernels)
 
@@ -108,13 +124,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on `tensors`: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def use_kernels(x: torch.Tensor, kernels: str, *others: torch.Tensor | None) -> bool:
     """Whether an op on `x` (and `others`, its other tensor inputs) runs the Triton kernel under the
     choice `kernels` ("auto", "on" or "off": see the module docstring)."""
     if kernels == "off":
         return False
     # The kernels have no backward: where autograd records (training), "auto" takes the torch path.
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others))
+    recording = _recording(x, *others)
     if kernels == "on":
         check_kernels_device("on", x.device)
         if recording:
@@ -373,18 +394,26 @@ ONEDNN_MIN_MACS = 1 << 19
 
 
 def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the fast path hands this product to oneDNN: fp32 on the CPU, large enough to pay for
-    the call, nothing recording. (bf16 products already go to oneDNN through F.linear; the op has
-    no backward of its own.)"""
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    """Whether the fast path hands this product to oneDNN: fp32 on the CPU, shapes F.linear would
+    take (else F.linear says what is wrong), large enough to pay for the call, and nothing that
+    only F.linear honours: autograd recording (the op has no backward of its own), forward-mode AD,
+    autocast, jit tracing, oneDNN switched off (torch.backends.mkldnn.flags(enabled=False)).
+    (bf16 products already go to oneDNN through F.linear.)"""
     return (
-        x.device.type == "cpu"
+        x.device.type == weight.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
+        and x.dim() >= 1
         and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        # oneDNN reads a bias as one contiguous row, whatever its strides say
+        and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1] and bias.is_contiguous()))
         and x.numel() // max(x.shape[-1], 1) * weight.numel() >= ONEDNN_MIN_MACS
-        and not recording
+        and not _recording(x, weight, bias)
+        and forward_ad._current_level < 0  # no dual level open: no tangent to carry
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
         and _ONEDNN
+        and torch._C._get_mkldnn_enabled()
     )
 
 
@@ -407,11 +436,10 @@ def linear(
     """nn.Linear's product: x (..., in) -> (..., out).
 
     The reference is F.linear, which on the CPU runs MKL's sgemm. The fast path runs fp32 products
-    on the CPU through oneDNN instead, on the same weights (no copy, no new layout): on an AMD EPYC
-    MKL takes code paths slower than its Intel ones, and oneDNN's matmul was 2.0x faster for a
-    decode step's projections and 2.1x for a prefill's (BENCHMARKS.md, "Linear layers"). The sums
-    run in another order, so the result is not bit-equal to F.linear (tests/test_fast_path.py
-    measures how close).
+    on the CPU through oneDNN instead, on the same weights (no copy, no new layout): on the AMD EPYC
+    measured, where MKL is slow, oneDNN's matmul was 1.6-2.0x faster for a decode step's
+    projections and 2.2x for a prefill's (BENCHMARKS.md, "Linear layers"). The sums run in another
+    order, so the result is not bit-equal to F.linear (tests/test_fast_path.py measures how close).
     """
     if kernels != "off" and _onednn_fits(x, weight, bias):
         if torch.compiler.is_compiling():

@@ -14,8 +14,8 @@ weights, where oneDNN's longer call decides (ops.ONEDNN_MIN_MACS: below it the f
 F.linear).
 """
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -64,8 +64,11 @@ def crossover() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="single products of small square weights instead")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    if "--small" in sys.argv:
+    if args.small:
         return crossover()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN matmul: {ops._ONEDNN}")
     for name, shapes, prefill, repeats in (("decoder", DECODER, 761, 3), ("SigLIP tower", TOWER, 729, 3)):

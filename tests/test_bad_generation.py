@@ -202,6 +202,12 @@ def test_float_ids(checkpoint):
         model(ids)
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0, 0)])
+def test_an_empty_batch_or_prompt(checkpoint, shape):
+    with pytest.raises(GenerationError, match=r"input_ids has shape .*; expected \(batch > 0, prompt length > 0\)"):
+        minivlm.generate(checkpoint[3], torch.zeros(shape, dtype=torch.long), max_new_tokens=2)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from test_generation import hf_generate
 from test_vlm import FP32_TOL, batch, rel_err
 
@@ -179,6 +180,45 @@ def test_the_fast_linear_is_onednn_and_fp32_exact(rows, fan_in, fan_out):
     assert torch.equal(fast, torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
     fast_err, reference_err = ((out.double() - exact).norm() / exact.norm() for out in (fast, reference))
     assert fast_err < 1e-6 and reference_err < 1e-6, (fast_err, reference_err)
+
+
+@pytest.mark.skipif(not ops._ONEDNN, reason="this torch has no oneDNN matmul")
+def test_what_only_f_linear_honours_stays_with_f_linear():
+    """Products oneDNN would get wrong or that would lose something there take F.linear, equal to
+    it bit for bit (each is large enough for oneDNN otherwise): a bias with strides (oneDNN reads one
+    contiguous row), mismatched shapes (F.linear's error, not oneDNN's), autocast, forward-mode AD,
+    jit tracing, oneDNN switched off."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(8, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    f_linear = torch.nn.functional.linear
+    with torch.no_grad():
+        assert not torch.equal(ops.linear(x, weight), f_linear(x, weight))  # oneDNN's, as a control
+        for bias in (torch.randn(2048, generator=g)[::2], torch.randn(1, generator=g).expand(1024)):
+            assert torch.equal(ops.linear(x, weight, bias), f_linear(x, weight, bias))
+        with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+            ops.linear(x[:, :512], weight)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert ops.linear(x, weight).dtype == torch.bfloat16
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert torch.equal(ops.linear(x, weight), f_linear(x, weight))
+        layer = ops.Linear(1024, 1024)
+        traced = torch.jit.trace(layer, (x,))
+        assert torch.equal(traced(x), f_linear(x, layer.weight, layer.bias))
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(ops.linear(forward_ad.make_dual(x, torch.ones_like(x)), weight)).tangent
+    assert tangent is not None and torch.allclose(tangent, f_linear(torch.ones_like(x), weight))
+
+
+def test_setting_a_models_kernels_switches_every_module(tmp_path):
+    """`model.kernels = "off"` hands the choice to every module (and checks it); add_module adopts
+    the model's path as assignment does."""
+    model = minivlm.load_model(save_checkpoint(build_text_model("llama"), tmp_path, layout="hub"), kernels="auto")
+    model.kernels = "off"
+    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"off"}
+    model.add_module("extra", ops.Linear(4, 4))
+    assert model.extra.kernels == "off"
+    with pytest.raises(ops.KernelsError, match="expected auto"):
+        model.kernels = "fast"
 
 
 def test_a_small_product_stays_with_f_linear():

@@ -16,6 +16,7 @@ from test_vlm import batch
 import minivlm
 from minivlm.bench.tiny.models import build_text_model, build_vlm_model, save_checkpoint
 from minivlm.load import FAMILIES
+from minivlm.parallel import RowParallelLinear
 from minivlm.training import LoraConfig, LoraError, apply_lora, load_adapter, merge_lora, save_adapter
 
 peft = pytest.importorskip("peft")  # the test extra installs it; a clear skip without it
@@ -104,6 +105,17 @@ def test_lora_refuses_what_it_cannot_do(tmp_path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(LoraError, match="adapter_config.json"):
         load_adapter(minivlm.load_model(tmp_path / "base"), tmp_path / "bad", "model")
+    # A tensor-parallel layer (an ops.Linear too) would lose its all-reduce under a LoRA wrapper.
+    split = minivlm.load_model(tmp_path / "base", kernels="off")
+    attention = split.model.layers[0].self_attn
+    attention.o_proj = RowParallelLinear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False)
+    with pytest.raises(LoraError, match=r"model.layers.0.self_attn.o_proj is a RowParallelLinear"):
+        apply_lora(split, LoraConfig())
+    # The LoRA layers take the model's path, whatever class the base layer had.
+    plain = minivlm.load_model(tmp_path / "base", kernels="off")
+    plain.model.layers[0].self_attn.q_proj = torch.nn.Linear(*plain.model.layers[0].self_attn.q_proj.weight.T.shape)
+    apply_lora(plain, LoraConfig())
+    assert {m.kernels for m in plain.modules() if hasattr(m, "kernels")} == {"off"}
 
 
 def test_an_adapter_peft_itself_wrote_loads_into_minivlm(tmp_path):

@@ -67,7 +67,6 @@ class LoraLinear(ops.Linear):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
-        self.kernels = getattr(base, "kernels", "auto")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (
@@ -102,11 +101,15 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in list(decoder.named_modules()):
         owner, _, attr = name.rpartition(".")
         if attr in config.targets:
-            if not isinstance(module, nn.Linear):  # a quantized layer has no float weight to add to
+            # Exact types: a quantized layer has no float weight to add to, and a tensor-parallel
+            # one (parallel.RowParallelLinear, an ops.Linear) would lose its all-reduce.
+            if type(module) not in (nn.Linear, ops.Linear):
                 raise LoraError(
                     f"{prefix}.{name} is a {type(module).__name__}; LoRA goes on a full-precision nn.Linear"
                 )
-            setattr(decoder.get_submodule(owner), attr, LoraLinear(module, config))
+            layer = LoraLinear(module, config)
+            layer.kernels = getattr(model, "kernels", layer.kernels)  # the model's path, whatever the base had
+            setattr(decoder.get_submodule(owner), attr, layer)
             names.append(f"{prefix}.{name}")
     return names
 
