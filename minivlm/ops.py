@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -384,8 +385,14 @@ def sdpa_attention(
 
 
 # Whether this torch has oneDNN's matmul op (`torch.ops.mkldnn._linear_pointwise`, what inductor's
-# CPU backend calls for frozen linears). Asked once here: torch.compile cannot trace the asking.
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# CPU backend calls for frozen linears), on an x86-64 CPU: the only kind it was measured on (on
+# ARM, oneDNN runs through another backend, unmeasured here). Asked once here: torch.compile
+# cannot trace the asking.
+_ONEDNN = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 
 
 # oneDNN's call costs about 12 us more than F.linear's: below about half a million multiply-adds
