@@ -300,7 +300,7 @@ class DecoderLM(ops.ModelWithPath):
         self.lm_head = ops.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.kernels = ops.set_kernels(self, kernels)  # the choice, made once here
+        self.kernels = kernels  # the choice, made once here; ModelWithPath hands it to every module
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache on the model's device and in its dtype."""

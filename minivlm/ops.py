@@ -91,11 +91,9 @@ class ModelWithPath(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         if name == "kernels":  # the choice itself: checked, and handed to every module
-            value = kernels_choice(value)
-            super().__setattr__(name, value)
-            for module in self.modules():
-                if module is not self and hasattr(module, "kernels"):
-                    module.kernels = value
+            super().__setattr__(name, kernels_choice(value))
+            for child in self.children():
+                self._adopt(child)
             return
         super().__setattr__(name, value)
         self._adopt(value)
@@ -407,7 +405,8 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     autocast, jit tracing, oneDNN switched off (torch.backends.mkldnn.flags(enabled=False)).
     (bf16 products already go to oneDNN through F.linear.)"""
     return (
-        x.device.type == weight.device.type == "cpu"
+        _ONEDNN
+        and x.device.type == weight.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 1
         and weight.dim() == 2
@@ -419,7 +418,6 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and forward_ad._current_level < 0  # no dual level open: no tangent to carry
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()
-        and _ONEDNN
         and torch._C._get_mkldnn_enabled()
     )
 

@@ -33,7 +33,7 @@ class VisionLanguageModel(ops.ModelWithPath):
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = build_connector(config.connector)
         self.language_model = DecoderLM(config.text, kernels)
-        self.kernels = ops.set_kernels(self, kernels)
+        self.kernels = kernels  # ModelWithPath hands it to every module
 
     def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
         """The processor's pixel inputs -> one (tokens, text hidden) tensor per image token run."""
