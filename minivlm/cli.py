@@ -35,7 +35,15 @@ def add_parsers(sub) -> None:
     quant.add_argument("--model", required=True, help="a checkpoint folder or a hub id")
     quant.add_argument("--quantize", required=True, choices=["int8", "int4"])
     _quant_args(quant)
-    quant.add_argument("--output", required=True, help="the new checkpoint folder")
+    quant.add_argument("--output", help="the new checkpoint folder")
+    quant.add_argument(
+        "--sensitivity",
+        type=int,
+        metavar="N",
+        help="instead of saving: rank the layers by the error their quantization adds to their outputs on "
+        "calibration text, and print the N first as a --quantize-keep value",
+    )
+    quant.add_argument("--corpus", help="--sensitivity: a UTF-8 text file (default: Python's stdlib docstrings)")
     quant.set_defaults(run=run_quantize)
 
     down = sub.add_parser("download", help="fetch a hub checkpoint into weights/ (resumable)")
@@ -82,11 +90,19 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         "--quantize-parts",
         help="comma-separated: decoder (the default), lm_head, vision, connector",
     )
+    p.add_argument(
+        "--quantize-keep",
+        help="comma-separated names of linear layers left in full precision (model.layers.11.mlp.down_proj); "
+        "`python -m minivlm quantize --sensitivity` ranks them",
+    )
 
 
 def _quant_options(args) -> dict:
-    parts = [p.strip() for p in args.quantize_parts.split(",") if p.strip()] if args.quantize_parts else None
-    return dict(quantize=args.quantize, group_size=args.group_size, quantize_parts=parts)
+    def names(text):
+        return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_parts=names(args.quantize_parts),
+                quantize_keep=names(args.quantize_keep))  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -339,6 +355,27 @@ def _chat_loop(args, model, processor) -> None:
         sys.stdout.flush()
 
 
+def print_sensitivity(folder: Path, args) -> None:
+    """`quantize --sensitivity N`: quant_sensitivity.rank on 16 windows of 256 tokens of the corpus."""
+    from .load import load_model, load_processor
+    from .quant import QuantConfig
+    from .quant_sensitivity import calibration_text, rank, windows
+
+    if args.sensitivity < 1:
+        raise SystemExit(f"minivlm quantize: error: --sensitivity {args.sensitivity}: expected at least 1")
+    options = _quant_options(args)
+    config = QuantConfig.parse(options["quantize"], options["group_size"], options["quantize_parts"])
+    tokenizer = load_processor(folder).tokenizer
+    batches = windows(torch.tensor(tokenizer.encode(calibration_text(args.corpus))), 256)[:16]
+    if not batches:
+        raise SystemExit("minivlm quantize: error: the corpus is shorter than one window of 256 tokens")
+    ranking = rank(load_model(folder, kernels="off"), [w[None] for w in batches], config)
+    log(f"the mean square, per token, of what quantizing each layer adds to its output ({len(batches)} x 256 tokens):")
+    for name, error in ranking[: args.sensitivity]:
+        print(f"{error:12.4g}  {name}")
+    print("--quantize-keep " + ",".join(name for name, _ in ranking[: args.sensitivity]))
+
+
 def _dropped(images: list) -> str:
     return f" (with its {len(images)} image(s): attach them again with /image)" if images else ""
 
@@ -348,7 +385,11 @@ def run_quantize(args) -> None:
     from .load import load_model
     from .quant_save import check_output, save_quantized
 
+    if (args.output is None) == (args.sensitivity is None):
+        raise SystemExit("minivlm quantize: error: give --output (save quantized) or --sensitivity N (rank layers)")
     folder = resolve_checkpoint(args.model)
+    if args.sensitivity is not None:
+        return print_sensitivity(folder, args)
     check_output(folder, Path(args.output))  # before minutes of loading, not after
     start = time.perf_counter()
     model = load_model(folder, kernels="off", **_quant_options(args))  # the stored layout, not the CPU kernel's

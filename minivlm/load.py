@@ -141,6 +141,7 @@ def load_model(
     quantize: str | QuantConfig | None = None,
     group_size: int | None = None,
     quantize_parts: Sequence[str] | str | None = None,
+    quantize_keep: Sequence[str] | str | None = None,
     tensor_parallel: bool = False,
 ) -> nn.Module:
     """Load a checkpoint folder (or hub id) as the hub stores it, in eval mode.
@@ -158,7 +159,9 @@ def load_model(
     those of `quantize_parts` ("decoder", the default, "lm_head", "vision", "connector"), int4 in
     groups of `group_size` inputs (32, 64 (the default) or 128), round-to-nearest (a
     quant.QuantConfig given as `quantize` sets every choice, search=True among them: each group's
-    range searched for the least error). A checkpoint saved quantized
+    range searched for the least error). quantize_keep: names of linear layers of those parts left in
+    full precision (`model.named_modules()`'s names; quant_sensitivity.rank finds the layers whose
+    quantization moves the output most). A checkpoint saved quantized
     (quant_save.save_quantized) loads as it was saved, and takes no quantize argument.
 
     tensor_parallel: split the decoder across the ranks of the initialised torch.distributed
@@ -170,7 +173,7 @@ def load_model(
     dtype = parse_dtype(dtype, getattr(config, "dtype", None))
     kernels = ops.kernels_choice(kernels)
     ops.check_kernels_device(kernels, torch.device(device))
-    quant = QuantConfig.parse(quantize, group_size, quantize_parts)
+    quant = QuantConfig.parse(quantize, group_size, quantize_parts, keep=quantize_keep)
     saved = saved_quantization(raw, f"{folder}/config.json")
     if saved is not None and quant is not None:
         raise QuantError(f"{folder} is saved quantized ({saved.scheme}); load it without quantize=")

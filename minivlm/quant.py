@@ -30,6 +30,7 @@ The stored layout (safetensors, quant_save.save_quantized), per quantized linear
   NAME.scales   (out,) for int8, (out, groups) for int4, in the model's dtype;
   NAME.zeros    (out, groups), int4 only;
   NAME.bias     as the checkpoint had it.
+A layer named in QuantConfig.keep is stored as the checkpoint had it (NAME.weight, NAME.bias).
 config.json records the scheme under "minivlm_quantization" (see QuantConfig.to_json).
 """
 
@@ -62,18 +63,25 @@ class QuantConfig:
     group_size: int = 64  # int4: inputs per scale and zero
     parts: tuple[str, ...] = ("decoder",)
     search: bool = False  # int4: each group's range searched for the least error (quantize_int4)
+    # Linear layers of `parts` left in the checkpoint's precision, by the names model.named_modules()
+    # gives them ("model.layers.11.mlp.down_proj"): the most sensitive ones (quant_sensitivity.py).
+    keep: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, quantize, group_size: int | None = None, parts=None, search: bool = False) -> "QuantConfig | None":
+    def parse(
+        cls, quantize, group_size: int | None = None, parts=None, search: bool = False, keep=None
+    ) -> "QuantConfig | None":
         """load_model's arguments -> a QuantConfig, or None for no quantization; QuantError names
         the values it takes."""
         if isinstance(quantize, QuantConfig):  # given whole: checked as the words are
-            if group_size is not None or parts is not None:
-                raise QuantError("give group_size and quantize_parts inside the QuantConfig, not beside it")
-            return cls.parse(quantize.scheme, quantize.group_size, quantize.parts, quantize.search)
+            if group_size is not None or parts is not None or keep is not None:
+                raise QuantError(
+                    "give group_size, quantize_parts and quantize_keep inside the QuantConfig, not beside it"
+                )
+            return cls.parse(quantize.scheme, quantize.group_size, quantize.parts, quantize.search, quantize.keep)
         if quantize is None or quantize is False:
-            if group_size is not None or parts is not None:
-                raise QuantError("group_size and quantize_parts need quantize='int8' or 'int4'")
+            if group_size is not None or parts is not None or keep is not None:
+                raise QuantError("group_size, quantize_parts and quantize_keep need quantize='int8' or 'int4'")
             return None
         if quantize not in SCHEMES:
             raise QuantError(f"quantize={quantize!r}: expected one of {', '.join(SCHEMES)} (or None)")
@@ -96,17 +104,26 @@ class QuantConfig:
             raise QuantError(f"quantize_parts={list(parts)!r}: expected some of {', '.join(PARTS)}")
         if not isinstance(search, bool):
             raise QuantError(f"search={search!r}: expected True or False")
-        return cls(quantize, group_size, tuple(p for p in PARTS if p in parts), search and quantize == "int4")
+        keep = () if keep is None else ((keep,) if isinstance(keep, str) else keep)
+        if not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) and k for k in keep):
+            raise QuantError(
+                f"quantize_keep={keep!r}: expected names of linear layers, such as model.layers.0.mlp.down_proj"
+            )
+        parts = tuple(p for p in PARTS if p in parts)
+        return cls(quantize, group_size, parts, search and quantize == "int4", tuple(dict.fromkeys(keep)))
 
     def to_json(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size, "parts": list(self.parts), "search": self.search}
+        return {"scheme": self.scheme, "group_size": self.group_size, "parts": list(self.parts), "search": self.search,
+                "keep": list(self.keep)}  # fmt: skip
 
     @classmethod
     def from_json(cls, d, source: str) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantError(f"{source}: minivlm_quantization is a {type(d).__name__}; expected an object")
         try:
-            return cls.parse(d.get("scheme"), d.get("group_size"), d.get("parts"), d.get("search", False))
+            return cls.parse(
+                d.get("scheme"), d.get("group_size"), d.get("parts"), d.get("search", False), d.get("keep")
+            )
         except QuantError as e:
             raise QuantError(f"{source}: minivlm_quantization: {e}") from None
 
@@ -329,9 +346,12 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtyp
 # -- which modules, and swapping them in -------------------------------------------------------
 
 
-def quant_targets(model: nn.Module, parts: tuple[str, ...], check: bool = False) -> list[str]:
-    """The names of the nn.Linear modules that `parts` cover in this model (text-only or VLM).
-    check: a part with no linear layer in this model (vision on a text-only one) is a QuantError."""
+def quant_targets(
+    model: nn.Module, parts: tuple[str, ...], check: bool = False, keep: tuple[str, ...] = ()
+) -> list[str]:
+    """The names of the nn.Linear modules that `parts` cover in this model (text-only or VLM), less
+    those in `keep`. check: a part with no linear layer in this model (vision on a text-only one),
+    or a kept name that is not one of the parts' layers, is a QuantError."""
     lm = "language_model." if hasattr(model, "language_model") else ""
     roots = {"decoder": f"{lm}model.layers", "lm_head": f"{lm}lm_head", "vision": "vision_tower",
              "connector": "multi_modal_projector"}  # fmt: skip
@@ -341,7 +361,14 @@ def quant_targets(model: nn.Module, parts: tuple[str, ...], check: bool = False)
         empty = [p for p, names in found.items() if not names]
         if empty:
             raise QuantError(f"quantize_parts names {', '.join(empty)}, which this model has no linear layers in")
-    return [n for n in linear if any(n in names for names in found.values())]
+    covered = [n for n in linear if any(n in names for names in found.values())]
+    strange = [k for k in keep if k not in covered]
+    if check and strange:
+        raise QuantError(
+            f"quantize_keep names {', '.join(strange)}: not a linear layer of quantize_parts "
+            f"({', '.join(parts)}) in this model; its layers are named like {covered[0]}"
+        )
+    return [n for n in covered if n not in keep]
 
 
 def swap_in(model: nn.Module, names: list[str], config: QuantConfig, dtype: torch.dtype) -> None:

@@ -124,7 +124,7 @@ def load_weights(
     """
     with torch.device("meta"), skip_init():
         model = build()
-        targets = quant_targets(model, quant.parts, check=True) if quant is not None else []
+        targets = quant_targets(model, quant.parts, check=True, keep=quant.keep) if quant is not None else []
         if prequantized:  # the files hold the quantized layout: expect it
             swap_in(model, targets, quant, dtype)
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor; tied names share one object

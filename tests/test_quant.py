@@ -335,14 +335,14 @@ def test_a_real_model_keeps_its_next_tokens(smollm2, scheme, group_size, top1):
     """Top-1 agreement with the unquantized model over 1000 tokens of text, and the perplexity:
     thresholds under what `bench quant --model` measures on 10,200 tokens (int8 0.969, int4 g64
     0.737: groups of 64 straddle two of the checkpoint's Q4_1 blocks), so that a broken scheme fails."""
-    from minivlm.bench.quant import compare, corpus_text
+    from minivlm.bench.quant import compare
+    from minivlm.quant_sensitivity import calibration_text, windows
 
     processor = minivlm.load_processor(smollm2)
-    ids = torch.tensor(processor.tokenizer.encode(corpus_text(None)))
-    windows = [ids[i : i + 128] for i in range(0, 8 * 128, 128)]
+    scored = windows(torch.tensor(processor.tokenizer.encode(calibration_text())), 128)[:8]
     reference = minivlm.load_model(smollm2, dtype="float32", kernels="off")
     model = minivlm.load_model(smollm2, dtype="float32", quantize=scheme, group_size=group_size)
-    r = compare(reference, model, windows)
+    r = compare(reference, model, scored)
     assert r["top1"] >= top1, r
     assert r["ppl"] < (1.05 if scheme == "int8" else 1.6) * r["ppl_ref"], r
 

@@ -27,13 +27,20 @@ import torch
 
 from ..generation import GenerationDefaults, generate
 from ..load import load_model
-from ..quant import QuantConfig
+from ..quant import QuantConfig, model_dtype, quantized_bytes
+from ..quant_sensitivity import calibration_text, rank, windows
 from .timing import call_times
 
 SCHEMES = [
     ("unquantized", {}),
     ("int8", {"quantize": "int8"}),
     ("int4 g64", {"quantize": "int4", "group_size": 64}),
+    # three layers left in fp32, as quantize_keep leaves the most sensitive (which ones does not
+    # matter for speed; with random weights no layer is more sensitive than another)
+    (
+        "int8 keep 3",
+        {"quantize": "int8", "quantize_keep": [f"language_model.model.layers.{i}.mlp.down_proj" for i in range(3)]},
+    ),
     ("int8 +lm_head", {"quantize": "int8", "quantize_parts": ["decoder", "lm_head"]}),
     ("int4 +lm_head", {"quantize": "int4", "group_size": 64, "quantize_parts": ["decoder", "lm_head"]}),
 ]
@@ -82,8 +89,9 @@ def speed(args: argparse.Namespace) -> None:
         image_token = VLM_PRESETS[args.preset]["text"]["vocab_size"] - 1
         ids = torch.cat([text[:4], torch.full((729,), image_token), text[4:]])[None].to(args.device)
         print(f"{'':<14}{'load peak MiB':>14}{'size MiB':>10}{'peak/(size+largest)':>21}"
-              f"{'first token (s)':>26}{'decode (tokens/s)':>26}{'decode ratio':>14}")  # fmt: skip
-        base = None
+              f"{'first token (s)':>26}{'decode (tokens/s)':>26}{'decode ratio':>14}"
+              f"{'MiB read/token':>16}{'bound':>7}")  # fmt: skip
+        base = base_bytes = None
         for name, options in SCHEMES:
             mem = measure_load(Path(tmp), args.dtype, options)
             model = load_model(tmp, dtype=args.dtype, device=args.device, **options)
@@ -102,34 +110,34 @@ def speed(args: argparse.Namespace) -> None:
                 return generate(model, token, torch.ones_like(ids_1), max_new_tokens=n, cache=cache)
 
             rates = [n / s for s in call_times(decode, args.repeats, args.device)]
-            base = base or statistics.median(rates)
+            read = decode_bytes(model, filled + n / 2)
+            base, base_bytes = base or statistics.median(rates), base_bytes or read
             mib = 2**20
             print(f"{name:<14}{mem['peak'] / mib:>14.0f}{mem['size'] / mib:>10.0f}"
                   f"{mem['peak'] / (mem['size'] + mem['largest']):>21.2f}{spread(first, 3):>26}{spread(rates, 1):>26}"
-                  f"{statistics.median(rates) / base:>14.2f}")  # fmt: skip
+                  f"{statistics.median(rates) / base:>14.2f}{read / mib:>16.0f}{base_bytes / read:>7.2f}")  # fmt: skip
     text = config.text_config
     print(f"text config: {text.hidden_size} hidden, {text.num_hidden_layers} layers, vocabulary {text.vocab_size}")
+    print(
+        "MiB read/token: the weights a decode step reads (decoder layers, final norm, output projection; one "
+        "embedding row) and the KV cache at the mean decode length; bound: the unquantized row's bytes over "
+        "this row's, the decode ratio a step bound by memory bandwidth could reach"
+    )
+
+
+def decode_bytes(model, cached_tokens: float) -> float:
+    """The bytes a batch-1 decode step reads: every weight of the decoder's layers, its final norm and
+    output projection (quantized as held), and the keys and values of `cached_tokens` tokens."""
+    lm = getattr(model, "language_model", model)
+    weights = sum(quantized_bytes(m) for m in (lm.model.layers, lm.model.norm, lm.lm_head))
+    first = lm.model.layers[0].self_attn
+    kv_per_token = (
+        2 * len(lm.model.layers) * first.num_kv_heads * first.head_dim * model_dtype(model).itemsize
+    )  # the cache holds the activations' dtype
+    return weights + kv_per_token * cached_tokens
 
 
 # -- quality ----------------------------------------------------------------------------------
-
-
-def corpus_text(path: str | None) -> str:
-    """The text to score: a file, or else the docstrings of Python's standard library modules
-    (English prose written by others, on every machine that runs Python)."""
-    if path:
-        return Path(path).read_text(encoding="utf-8")
-    import importlib
-    import inspect
-
-    names = ["argparse", "asyncio", "collections", "contextlib", "dataclasses", "email", "functools", "json",
-             "logging", "pathlib", "subprocess", "threading", "typing", "unittest", "urllib.request"]  # fmt: skip
-    docs = []
-    for name in names:
-        module = importlib.import_module(name)
-        docs += [inspect.getdoc(module) or ""]
-        docs += [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module) if inspect.isclass(obj)]
-    return "\n\n".join(d for d in dict.fromkeys(docs) if len(d) > 200)
 
 
 @torch.inference_mode()
@@ -153,27 +161,46 @@ def quality(args: argparse.Namespace) -> None:
     from ..load import load_processor
 
     processor = load_processor(args.model)
-    ids = torch.tensor(processor.tokenizer.encode(corpus_text(args.corpus)))
-    windows = [ids[i : i + args.window] for i in range(0, len(ids) - args.window + 1, args.window)][: args.windows]
+    ids = torch.tensor(processor.tokenizer.encode(calibration_text(args.corpus)))
+    # The first --windows windows are scored; the sensitivity ranking calibrates on the next 16.
+    calibration = windows(ids, args.window)[args.windows : args.windows + 16]
+    scored = windows(ids, args.window)[: args.windows]
     reference = load_model(args.model, dtype="float32", kernels="off")
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
-    print(f"{args.model}: {sum(len(w) - 1 for w in windows)} scored tokens in {len(windows)} windows of {args.window}; "
+    print(f"{args.model}: {sum(len(w) - 1 for w in scored)} scored tokens in {len(scored)} windows of {args.window}; "
           f"torch {torch.__version__}")  # fmt: skip
     answers = {"unquantized": [answer(reference, processor, p) for p in prompts]}
-    print(f"{'':<24}{'top-1 agreement':>16}{'mean KL':>10}{'perplexity':>12}{'(unquantized)':>15}")
+    print(f"{'':<26}{'top-1 agreement':>16}{'mean KL':>10}{'perplexity':>12}{'(unquantized)':>15}")
     rows = [("int8", {"quantize": "int8"}), ("int8, reference path", {"quantize": "int8", "kernels": "off"})]
     for g in (32, 64, 128):
         rows.append((f"int4 g{g}", {"quantize": "int4", "group_size": g}))
         rows.append((f"int4 g{g}, range search", {"quantize": QuantConfig("int4", g, ("decoder",), search=True)}))
+    rows += sensitive_rows(reference, calibration)
     for name, options in rows:
         model = load_model(args.model, dtype="float32", **options)
-        r = compare(reference, model, windows)
-        print(f"{name:<24}{r['top1']:>16.4f}{r['kl']:>10.4f}{r['ppl']:>12.3f}{r['ppl_ref']:>15.3f}")
+        r = compare(reference, model, scored)
+        print(f"{name:<26}{r['top1']:>16.4f}{r['kl']:>10.4f}{r['ppl']:>12.3f}{r['ppl_ref']:>15.3f}")
         answers[name] = [answer(model, processor, p) for p in prompts]
     for i, p in enumerate(prompts):
         print(f"\n{p}")
         for name, said in answers.items():
             print(f"  {name:<22} {said[i]!r}")
+
+
+def sensitive_rows(reference, calibration: list[torch.Tensor]) -> list[tuple[str, dict]]:
+    """int8 with the decoder's most sensitive layers kept in full precision (quant_sensitivity.rank,
+    on calibration windows apart from the scored ones), and with the output projection quantized."""
+    if not calibration:
+        print("(no text past the scored windows to calibrate on: no rows that keep sensitive layers)")
+        return []
+    ranking = rank(reference, [w[None] for w in calibration], QuantConfig("int8"))
+    print(f"int8: the decoder's layers ranked most sensitive on {len(calibration)} calibration windows: "
+          + ", ".join(f"{name} {error:.3g}" for name, error in ranking[:4]))  # fmt: skip
+    top = {k: [name for name, _ in ranking[:k]] for k in (1, 3)}
+    head = {"quantize": "int8", "quantize_parts": ["decoder", "lm_head"]}
+    return [("int8, keep 1", {"quantize": "int8", "quantize_keep": top[1]}),
+            ("int8, keep 3", {"quantize": "int8", "quantize_keep": top[3]}),
+            ("int8 +lm_head", head), ("int8 +lm_head, keep 3", {**head, "quantize_keep": top[3]})]  # fmt: skip
 
 
 def answer(model, processor, prompt: str) -> str:
