@@ -201,7 +201,12 @@ class Doctor:
                 model = family.module(config, kernels="off")  # only its parameters' names and shapes count
                 saved = saved_quantization(read_config(self.folder), "config.json")
                 if saved is not None:  # a folder save_quantized wrote holds the quantized layout
-                    swap_in(model, quant_targets(model, saved.parts, check=True, keep=saved.keep), saved, model_dtype(config))
+                    swap_in(
+                        model,
+                        quant_targets(model, saved.parts, check=True, keep=saved.keep),
+                        saved,
+                        model_dtype(config),
+                    )
         except QuantError as e:
             self.add(str(e), "config.json", "a minivlm_quantization entry load_model reads")
             return
