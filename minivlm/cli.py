@@ -99,7 +99,12 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
 def _quant_options(args) -> dict:
     def names(text):
-        return [p.strip() for p in text.split(",") if p.strip()] if text else None
+        if text is None:
+            return None
+        given = [p.strip() for p in text.split(",") if p.strip()]
+        if not given:
+            raise SystemExit(f"minivlm: error: {text!r} names nothing; expected comma-separated names")
+        return given
 
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_parts=names(args.quantize_parts),
                 quantize_keep=names(args.quantize_keep))  # fmt: skip
@@ -357,19 +362,37 @@ def _chat_loop(args, model, processor) -> None:
 
 def print_sensitivity(folder: Path, args) -> None:
     """`quantize --sensitivity N`: quant_sensitivity.rank on 16 windows of 256 tokens of the corpus."""
+    from .config import read_config
+    from .decoder import check_inputs
     from .load import load_model, load_processor
-    from .quant import QuantConfig
+    from .quant import QuantConfig, QuantError, saved_quantization
     from .quant_sensitivity import calibration_text, rank, windows
 
     if args.sensitivity < 1:
         raise SystemExit(f"minivlm quantize: error: --sensitivity {args.sensitivity}: expected at least 1")
     options = _quant_options(args)
+    if options["quantize_keep"] is not None:
+        raise SystemExit("minivlm quantize: error: --sensitivity ranks every layer; give --quantize-keep when saving")
     config = QuantConfig.parse(options["quantize"], options["group_size"], options["quantize_parts"])
+    if set(config.parts) - {"decoder", "lm_head"}:
+        raise SystemExit("minivlm quantize: error: --sensitivity calibrates on text: it ranks the decoder and lm_head "
+                         "parts only (rank() in Python takes images for the vision tower and connector)")  # fmt: skip
+    saved = saved_quantization(read_config(folder), f"{folder}/config.json")
+    if saved is not None:
+        raise SystemExit(f"minivlm quantize: error: {folder} is saved quantized ({saved.scheme}); "
+                         "rank the full-precision checkpoint it came from")  # fmt: skip
     tokenizer = load_processor(folder).tokenizer
     batches = windows(torch.tensor(tokenizer.encode(calibration_text(args.corpus))), 256)[:16]
     if not batches:
         raise SystemExit("minivlm quantize: error: the corpus is shorter than one window of 256 tokens")
-    ranking = rank(load_model(folder, kernels="off"), [w[None] for w in batches], config)
+    model = load_model(folder, kernels="off")
+    vocab = getattr(model, "language_model", model).model.embed_tokens.num_embeddings
+    for w in batches:  # the tokenizer's ids must fit the model (generate's check, before minutes of work)
+        try:
+            check_inputs(w[None], None, vocab)
+        except ValueError as e:
+            raise QuantError(f"{folder}: the tokenizer does not fit the model: {e}") from None
+    ranking = rank(model, [w[None] for w in batches], config)
     log(f"the mean square, per token, of what quantizing each layer adds to its output ({len(batches)} x 256 tokens):")
     for name, error in ranking[: args.sensitivity]:
         print(f"{error:12.4g}  {name}")
@@ -387,6 +410,10 @@ def run_quantize(args) -> None:
 
     if (args.output is None) == (args.sensitivity is None):
         raise SystemExit("minivlm quantize: error: give --output (save quantized) or --sensitivity N (rank layers)")
+    if args.corpus is not None and args.sensitivity is None:
+        raise SystemExit(
+            "minivlm quantize: error: --corpus is --sensitivity's calibration text; it needs --sensitivity"
+        )
     folder = resolve_checkpoint(args.model)
     if args.sensitivity is not None:
         return print_sensitivity(folder, args)

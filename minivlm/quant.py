@@ -104,7 +104,7 @@ class QuantConfig:
             raise QuantError(f"quantize_parts={list(parts)!r}: expected some of {', '.join(PARTS)}")
         if not isinstance(search, bool):
             raise QuantError(f"search={search!r}: expected True or False")
-        keep = () if keep is None else ((keep,) if isinstance(keep, str) else keep)
+        keep = () if keep is None else ((keep,) if isinstance(keep, str) else keep)  # one name, or several
         if not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) and k for k in keep):
             raise QuantError(
                 f"quantize_keep={keep!r}: expected names of linear layers, such as model.layers.0.mlp.down_proj"
@@ -120,6 +120,8 @@ class QuantConfig:
     def from_json(cls, d, source: str) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantError(f"{source}: minivlm_quantization is a {type(d).__name__}; expected an object")
+        if not isinstance(d.get("keep", []), list):  # the file holds a list; one bare name is the API's shorthand
+            raise QuantError(f"{source}: minivlm_quantization: keep={d['keep']!r}: expected a list of layer names")
         try:
             return cls.parse(
                 d.get("scheme"), d.get("group_size"), d.get("parts"), d.get("search", False), d.get("keep")
@@ -365,10 +367,15 @@ def quant_targets(
     strange = [k for k in keep if k not in covered]
     if check and strange:
         raise QuantError(
-            f"quantize_keep names {', '.join(strange)}: not a linear layer of quantize_parts "
+            f"quantize_keep names {', '.join(map(repr, strange))}: not a linear layer of quantize_parts "
             f"({', '.join(parts)}) in this model; its layers are named like {covered[0]}"
         )
-    return [n for n in covered if n not in keep]
+    targets = [n for n in covered if n not in keep]
+    if check and not targets:
+        raise QuantError(
+            f"quantize_keep names every linear layer of quantize_parts ({', '.join(parts)}): nothing to quantize"
+        )
+    return targets
 
 
 def swap_in(model: nn.Module, names: list[str], config: QuantConfig, dtype: torch.dtype) -> None:

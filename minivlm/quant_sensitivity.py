@@ -13,7 +13,8 @@ layers it compares unlike things, though it does come first on SmolLM2, as measu
 model the ranking's first layer is also the one whose full precision lowers the mean KL most of
 the 30 layers tried one at a time (BENCHMARKS.md, "Keeping sensitive layers").
 
-    ranking = rank(load_model(path), calibration_windows(processor, text), QuantConfig("int8"))
+    ids = torch.tensor(load_processor(path).tokenizer.encode(calibration_text()))
+    ranking = rank(load_model(path), [w[None] for w in windows(ids, 256)[:16]], QuantConfig("int8"))
     model = load_model(path, quantize="int8", quantize_keep=[name for name, _ in ranking[:1]])
 """
 
@@ -33,8 +34,12 @@ def calibration_text(path: str | None = None) -> str:
     machine that runs Python)."""
     from pathlib import Path
 
-    if path:
-        return Path(path).read_text(encoding="utf-8")
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
+            raise QuantError(f"corpus {path}: {reason}; expected a UTF-8 text file") from None
     import importlib
     import inspect
 
@@ -59,6 +64,7 @@ def rank(model: nn.Module, batches: Iterable, config: QuantConfig) -> list[tuple
     with the mean squared error per token that `config`'s quantization of its weight adds to its
     output on `batches` (token ids (batch, seq), or dicts of the model's keyword arguments), the
     largest first."""
+    config = QuantConfig.parse(config)  # checked as load_model checks it
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise QuantError("rank takes the model loaded without quantize=: it quantizes each weight itself")
     targets = quant_targets(model, config.parts, check=True)
@@ -80,6 +86,8 @@ def rank(model: nn.Module, batches: Iterable, config: QuantConfig) -> list[tuple
     finally:
         for h in hooks:
             h.remove()
+    if not squares:
+        raise QuantError("rank was given no calibration batches")
     unseen = [n for n in targets if n not in squares]
     if unseen:
         raise QuantError(f"the calibration inputs never reached {unseen[0]} ({len(unseen)} layers): "

@@ -53,7 +53,7 @@ def test_kept_layers_stay_as_the_checkpoint_has_them_and_save_back(tiny, tmp_pat
     "keep, parts, message",
     [
         (["model.layers.9.mlp.down_proj"], None, "not a linear layer of quantize_parts .decoder.*named like model"),
-        (["lm_head"], None, "quantize_keep names lm_head"),  # a layer, but not of the quantized part
+        (["lm_head"], None, "quantize_keep names 'lm_head'"),  # a layer, but not of the quantized part
         (["model.layers.0.mlp"], None, "not a linear layer"),
         ([3], None, "expected names of linear layers"),
         ("", None, "expected names of linear layers"),
@@ -62,6 +62,13 @@ def test_kept_layers_stay_as_the_checkpoint_has_them_and_save_back(tiny, tmp_pat
 def test_bad_names_to_keep(tiny, keep, parts, message):
     with pytest.raises(QuantError, match=message):
         minivlm.load_model(tiny, quantize="int8", quantize_parts=parts, quantize_keep=keep)
+
+
+def test_keeping_every_layer_of_the_parts_is_refused(tiny):
+    plain = minivlm.load_model(tiny)
+    every = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    with pytest.raises(QuantError, match="names every linear layer of quantize_parts"):
+        minivlm.load_model(tiny, quantize="int8", quantize_keep=every)
 
 
 def test_keep_needs_a_scheme_and_goes_inside_a_whole_config():
@@ -73,6 +80,22 @@ def test_keep_needs_a_scheme_and_goes_inside_a_whole_config():
     assert config.keep == (KEPT,) and QuantConfig.from_json(config.to_json(), "x") == config
     # a folder saved before keep existed kept nothing
     assert QuantConfig.from_json({"scheme": "int8", "group_size": 64, "parts": ["decoder"]}, "x").keep == ()
+    with pytest.raises(
+        QuantError, match="x: minivlm_quantization: keep='model.layers.0.mlp.down_proj': expected a list"
+    ):
+        QuantConfig.from_json({"scheme": "int8", "keep": KEPT}, "x")  # the file holds a list, not the API's shorthand
+
+
+def test_rank_checks_what_it_is_given(tiny, tmp_path):
+    model = minivlm.load_model(tiny, kernels="off")
+    with pytest.raises(QuantError, match="no calibration batches"):
+        rank(model, [], QuantConfig("int8"))
+    with pytest.raises(QuantError, match="group_size=33"):
+        rank(model, [torch.ones(1, 4, dtype=torch.long)], QuantConfig("int4", 33))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)))
+    for path, reason in ((tmp_path / "missing.txt", "No such file"), (tmp_path / "binary.txt", "not UTF-8 text")):
+        with pytest.raises(QuantError, match=f"corpus .*{reason}.*expected a UTF-8 text file"):
+            calibration_text(str(path))
 
 
 def test_the_proxy_is_the_mean_squared_output_error_when_channels_do_not_mix(monkeypatch):
@@ -135,5 +158,8 @@ def test_the_command_line_ranks_and_prints_what_to_keep(tiny):
     assert rows[0].split()[-1] == "model.layers.11.mlp.down_proj"
     untokenized = subprocess.run([*run, "--model", str(tiny), "--sensitivity", "2"], capture_output=True, text=True)
     assert untokenized.returncode == 1 and "no tokenizer.json or tokenizer.model" in untokenized.stderr
+    vision = subprocess.run([*run, "--model", str(tiny), "--quantize-parts", "vision", "--sensitivity", "2"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert vision.returncode == 1 and "ranks the decoder and lm_head parts only" in vision.stderr, vision.stderr
     neither = subprocess.run([*run, "--model", str(tiny)], capture_output=True, text=True)
     assert neither.returncode != 0 and "give --output (save quantized) or --sensitivity N" in neither.stderr
