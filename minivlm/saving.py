@@ -87,6 +87,13 @@ def write_folder(output: Path, fill, extra: dict | None = None) -> Path:
         fill(partial)
         for name, text in (extra or {}).items():
             (partial / name).write_text(text, encoding="utf-8")
+        # mkdtemp made the folder owner-only (0700): give it, and every file in it, the modes a plain
+        # mkdir and open would have (others on the machine can read a model folder as any other)
+        mask = os.umask(0)
+        os.umask(mask)
+        for path in partial.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        partial.chmod(0o777 & ~mask)
         if output.is_dir() and not output.is_symlink():
             output.rmdir()  # empty: check_output said so
         partial.rename(output)

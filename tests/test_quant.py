@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -416,6 +418,10 @@ def test_saving_touches_no_folder_of_yours_and_keeps_the_dtype(tmp_path):
     out = save_quantized(model, path, tmp_path / "q")
     assert (mine / "important.txt").read_text() == "data"
     assert [p.name for p in tmp_path.iterdir() if "partial-" in p.name] == []
+    mask = os.umask(0)
+    os.umask(mask)  # the folder and its files have the modes a plain mkdir and open give, not mkdtemp's 0700
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~mask}
     again = minivlm.load_model(out)
     assert (
         again.model.embed_tokens.weight.dtype == torch.bfloat16
