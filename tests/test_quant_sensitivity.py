@@ -147,10 +147,14 @@ def test_on_a_real_model_the_first_ranked_layer_is_the_one_to_keep():
     assert kl["first"] < 0.9 * kl["last"], kl
 
 
-def test_the_command_line_ranks_and_prints_what_to_keep(tiny):
+def test_the_command_line_ranks_and_prints_what_to_keep(tiny, tmp_path):
     run = [sys.executable, "-m", "minivlm", "quantize", "--quantize", "int8"]
+    corpus = tmp_path / "corpus.txt"  # two windows of the stdlib's docstrings: quicker than the default 16
+    corpus.write_text(calibration_text()[:3000], encoding="utf-8")
     out = subprocess.run(
-        [*run, "--model", real_folder("smollm2"), "--sensitivity", "2"], capture_output=True, text=True
+        [*run, "--model", real_folder("smollm2"), "--sensitivity", "2", "--corpus", str(corpus)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     *rows, keep = out.stdout.strip().splitlines()
