@@ -256,7 +256,9 @@ class QuantLinear(nn.Module):
         result returned in their dtype: an error of about 2^-9 of each activation, well under the
         weights' own (int8: up to 2^-8 of a row's largest weight)."""
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.scheme == "int8":
+        if self.scheme == "int8" and rows.shape[0] >= WIDEN_ROWS and _BF16_MATMUL:
+            out = self._widened_int8(rows)
+        elif self.scheme == "int8":
             out = torch._weight_int8pack_mm(rows, self.qweight, self.scales.to(torch.bfloat16))
         else:
             if self.cpu_pack is None:
@@ -270,6 +272,17 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _widened_int8(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 at a prefill: torch's int8 kernel takes a row at a time (its time grows with the
+        rows), so for many rows the integers are widened to bf16 (exactly: |q| <= 127) and oneDNN's
+        bf16 matmul runs, then each output is scaled in fp32. One bf16 rounding of each output, as
+        the kernel's; the widened copy is made ROWS_AT_ONCE output rows at a time."""
+        pieces = []
+        for start in range(0, self.out_features, ROWS_AT_ONCE):
+            q = self.qweight[start : start + ROWS_AT_ONCE].to(torch.bfloat16)
+            pieces.append(F.linear(rows, q).float() * self.scales[start : start + ROWS_AT_ONCE].float())
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def pack_for_cpu(self, keep_stored: bool = True) -> None:
         """The int4 weights in the layout of torch's CPU kernel (which depends on the CPU's
@@ -331,6 +344,12 @@ class QuantLinear(nn.Module):
 
 
 ROWS_AT_ONCE = 4096  # quantizing and repacking go this many output rows at a time (a multiple of 64)
+# int8 on the CPU: from this many rows on, widening the weights to bf16 for oneDNN's matmul beats
+# torch's int8 kernel, whose time grows with the rows (measured on 1024x2816, 2816x1024 and
+# 576x1536 weights: the two cross between 16 and 32 rows; at 761 rows the matmul is 2-3x faster,
+# BENCHMARKS.md). Only where oneDNN has bf16 arithmetic (an emulated bf16 matmul is no gain).
+WIDEN_ROWS = 32
+_BF16_MATMUL = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:

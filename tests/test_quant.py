@@ -133,6 +133,29 @@ def test_cpu_kernels_equal_the_reference(scheme, shape, group_size, dtype):
     assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_at_a_prefill_widens_to_bf16_and_equals_the_reference(dtype, monkeypatch):
+    """From WIDEN_ROWS rows on, int8 on the CPU runs oneDNN's bf16 matmul on the widened integers
+    (torch's int8 kernel is not called), in chunks of ROWS_AT_ONCE outputs (5000 crosses one): as
+    close to the reference as the kernel is, and to the kernel itself."""
+    from minivlm import quant
+
+    m = module(weight(5000, 576), "int8", dtype=dtype)
+    x = torch.randn(2, quant.WIDEN_ROWS, 576).to(dtype)
+    m.kernels = "off"
+    reference = m(x).float()
+    m.kernels = "auto"
+    kernel = torch._weight_int8pack_mm(x.reshape(-1, 576).bfloat16(), m.qweight, m.scales.bfloat16()).float()
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", None)  # a call would fail
+    if not quant._BF16_MATMUL:
+        pytest.skip("this CPU's oneDNN has no bf16 arithmetic: the int8 kernel runs at every size")
+    widened = m(x)
+    assert widened.dtype == dtype and widened.shape == reference.shape
+    scale = reference.abs().max()
+    assert (widened.float() - reference).abs().max() <= 1e-2 * scale
+    assert (widened.float().reshape(-1, 5000) - kernel).abs().max() <= 1e-2 * scale
+
+
 def test_quantizing_and_repacking_in_row_chunks_equals_doing_it_at_once(monkeypatch):
     """quantize_weight and pack_for_cpu go ROWS_AT_ONCE rows at a time (memory); torch's int4 layout
     packs blocks of 64 rows on their own, so the chunks must join into what one call makes."""
