@@ -18,7 +18,8 @@ Scales and zeros are rounded to the model's dtype before q is computed, so the d
 is exactly what the stored numbers say. The reference (`QuantLinear.dequantize` then a matmul,
 kernels="off") dequantizes in fp32 and rounds once to the activations' dtype.
 
-Fast paths (kernels="auto"): on the CPU, torch's weight-only kernels (`_weight_int8pack_mm`;
+Fast paths (kernels="auto"): on the CPU, torch's weight-only kernels (`_weight_int8pack_mm`, or
+from WIDEN_ROWS rows on the int8 weights widened to bf16 for oneDNN's matmul;
 `_weight_int4pack_mm_for_cpu` over the weights repacked at load into its own layout); on CUDA,
 the Triton dequantize-and-multiply kernel in minivlm.kernels.quant (kernels="on" forces it, on
 the CPU under TRITON_INTERPRET=1). tests/test_quant.py and tests/test_kernels_quant.py measure
