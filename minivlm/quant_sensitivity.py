@@ -21,19 +21,18 @@ the 30 layers tried one at a time (BENCHMARKS.md, "Keeping sensitive layers").
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .quant import QuantConfig, QuantError, QuantLinear, quant_targets, quantize_weight
+from .quant import ROWS_AT_ONCE, QuantConfig, QuantError, QuantLinear, quant_targets, quantize_weight
 
 
 def calibration_text(path: str | None = None) -> str:
     """Text to calibrate (or score) on: a UTF-8 file, or else the docstrings of some of Python's
     standard library modules and their classes (English prose written by others, on every
     machine that runs Python)."""
-    from pathlib import Path
-
     if path is not None:
         try:
             return Path(path).read_text(encoding="utf-8")
@@ -100,7 +99,8 @@ def output_error(linear: nn.Linear, mean_square: torch.Tensor, config: QuantConf
     """sum_ij dW_ij^2 E[x_j^2] for this layer's weight under `config` (mean_square: E[x_j^2], (in,)).
     Rows are quantized independently, so they go a chunk at a time, as quantize_weight takes them."""
     total, dtype = 0.0, linear.weight.dtype  # scales are rounded to the model's dtype, as when loading
-    for rows in linear.weight.detach().float().split(4096):
+    for rows in linear.weight.detach().split(ROWS_AT_ONCE):  # cut first: no fp32 copy of the whole weight
+        rows = rows.float()
         chunk = QuantLinear(linear.in_features, rows.shape[0], False, config.scheme, config.group_size, dtype)
         for key, value in quantize_weight(rows, config, dtype).items():
             setattr(chunk, key, value)
