@@ -387,11 +387,10 @@ def print_sensitivity(folder: Path, args) -> None:
         raise SystemExit("minivlm quantize: error: the corpus is shorter than one window of 256 tokens")
     model = load_model(folder, kernels="off")
     vocab = getattr(model, "language_model", model).model.embed_tokens.num_embeddings
-    for w in batches:  # the tokenizer's ids must fit the model (generate's check, before minutes of work)
-        try:
-            check_inputs(w[None], None, vocab)
-        except ValueError as e:
-            raise QuantError(f"{folder}: the tokenizer does not fit the model: {e}") from None
+    try:  # the tokenizer's ids must fit the model (generate's check, before minutes of work)
+        check_inputs(torch.stack(batches), None, vocab)  # (windows, 256): every window at once
+    except ValueError as e:
+        raise QuantError(f"{folder}: the tokenizer does not fit the model: {e}") from None
     ranking = rank(model, [w[None] for w in batches], config)
     log(f"the mean square, per token, of what quantizing each layer adds to its output ({len(batches)} x 256 tokens):")
     for name, error in ranking[: args.sensitivity]:
